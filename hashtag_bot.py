@@ -1,0 +1,1946 @@
+#!/usr/bin/env python3
+"""Boost (or favourite, bookmark, reply to) Mastodon posts that carry a hashtag.
+
+The bot listens to each hashtag in ``HASHTAGS`` through the streaming API and
+acts on every public post that passes its rules: never its own posts, boosts,
+private posts, authors who opted out with a tag such as ``#nobot`` in their
+bio, bots, posts hidden by the owner's keyword filters, and more (see
+``config.example.py``). Between actions it waits ``ACTION_DELAY_SECONDS``, and
+it leaves each author alone for ``USER_COOLDOWN_SECONDS`` after acting on them.
+
+Run it with ``python hashtag_bot.py``; stop it with Ctrl+C or SIGTERM. The
+instance and token come from ``.env`` (``MASTODON_API_BASE_URL``,
+``MASTODON_ACCESS_TOKEN``), the behaviour from ``config.py``; any setting can
+also be given as an environment variable of the same name.
+
+Guarantees: the position of each hashtag (the newest post fully handled) is
+saved to ``STATE_FILE`` after every post, atomically. On every start and every
+reconnect the bot reads the hashtag's REST timeline from that position, so a
+post published while the stream was down is still handled, and a post already
+acted on is not acted on again, even after a crash (a crash can repeat at most
+the one action in flight; a repeated boost, favourite or bookmark changes
+nothing, and a repeated reply carries the same ``Idempotency-Key``).
+
+Limits: see the README. In short, Mastodon gives remote posts ids from their
+publication time, so a remote post that federates late with an id older than
+the saved position is only seen if the stream delivers it; and a catch-up acts
+on at most ``CATCH_UP_MAX`` posts, logging how many it skipped.
+"""
+
+import argparse
+import contextlib
+import difflib
+import html
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import runpy
+import signal
+import sys
+import tempfile
+import threading
+import time
+import unicodedata
+import warnings
+from collections import Counter, OrderedDict, deque
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, Callable, Optional
+from urllib.parse import quote, urlsplit
+
+import requests
+from dotenv import dotenv_values
+from mastodon import (
+    Mastodon,
+    MastodonAPIError,
+    MastodonError,
+    MastodonIllegalArgumentError,
+    MastodonMalformedEventError,
+    MastodonNetworkError,
+    MastodonNotFoundError,
+    MastodonRatelimitError,
+    MastodonServerError,
+    MastodonUnauthorizedError,
+    StreamListener,
+)
+from mastodon.errors import MastodonWarning
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("hashtag_bot")
+
+SCRIPT_DIR = Path(__file__).resolve().parent
+DEFAULT_CONFIG_PATH = SCRIPT_DIR / "config.py"
+DEFAULT_ENV_PATH = SCRIPT_DIR / ".env"
+USER_AGENT = f"hashtag_bot/{__version__}"
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_USAGE = 2
+
+# Mastodon.py waits 300 s for a REST answer by default; a bot that must stop
+# within 5 seconds and notice outages wants to hear much sooner.
+REQUEST_TIMEOUT_SECONDS = 30.0
+
+# Reconnect backoff of a stream: about 1 s, doubling, at most 5 minutes, with
+# jitter. A connection that stayed open this long resets the backoff.
+STREAM_BACKOFF_INITIAL_SECONDS = 1.0
+STREAM_BACKOFF_MAX_SECONDS = 300.0
+HEALTHY_CONNECTION_SECONDS = 30.0
+
+# Retries of one action or REST read after a 5xx or a network error.
+RETRY_ATTEMPTS = 4
+RETRY_BACKOFF_INITIAL_SECONDS = 1.0
+RETRY_BACKOFF_MAX_SECONDS = 30.0
+
+# A 429 without a usable X-RateLimit-Reset: pause 1 minute, doubling, at most
+# 30 minutes. A reset further away than the longest Mastodon window (new posts,
+# 3 hours) is treated as bogus and capped.
+RATELIMIT_BACKOFF_INITIAL_SECONDS = 60.0
+RATELIMIT_BACKOFF_MAX_SECONDS = 1800.0
+RATELIMIT_PAUSE_MAX_SECONDS = 3 * 3600.0
+
+# The hashtag REST timeline returns at most 40 posts a page (Mastodon 4.x).
+TIMELINE_PAGE_SIZE = 40
+# After CATCH_UP_MAX posts, a catch-up only counts what it skips, up to this.
+SKIP_COUNT_MAX_PAGES = 25
+
+# Reconciliation ignores posts younger than this: the stream may still be
+# delivering them, and counting them as missed would be a false alarm.
+RECONCILE_GRACE_SECONDS = 30.0
+# Reconciliations in a row that find missed posts before the bot polls instead.
+RECONCILE_MISSES_BEFORE_POLLING = 3
+# Stream connects in a row refused with 401, 403 or 404 before the bot polls.
+REFUSED_CONNECTS_BEFORE_POLLING = 3
+# Empty or malformed events in a row, with no post between, before it polls.
+EMPTY_EVENTS_BEFORE_POLLING = 3
+# In polling mode, how often the bot tries the stream again.
+STREAM_RETRY_SECONDS = 1800.0
+
+ACTION_WINDOW_SECONDS = 3600.0
+SUMMARY_INTERVAL_SECONDS = 3600.0
+# Blocks, mutes and domain blocks of the bot account are read again this often.
+BLOCKLIST_REFRESH_SECONDS = 3600.0
+# How many acted-on post ids the state file keeps, and how many handled post ids
+# (acted on or skipped) the bot remembers in memory.
+ACTED_IDS_MAX = 2000
+HANDLED_IDS_MAX = 5000
+DELETED_IDS_MAX = 1000
+# On Ctrl+C or SIGTERM, how long the bot lets an action in flight finish.
+STOP_GRACE_SECONDS = 3.0
+# Identical warnings within this window are counted instead of printed.
+REPEAT_WINDOW_SECONDS = 60.0
+
+ACTION_NAMES = ("boost", "favourite", "bookmark", "reply")
+VISIBILITIES = ("public", "unlisted", "private", "direct")
+# OAuth scopes each action needs, and what reading needs (Mastodon 4.x).
+ACTION_SCOPES = {
+    "boost": "write:statuses",
+    "favourite": "write:favourites",
+    "bookmark": "write:bookmarks",
+    "reply": "write:statuses",
+}
+READ_SCOPES = (
+    "read:statuses",
+    "read:accounts",
+    "read:filters",
+    "read:blocks",
+    "read:mutes",
+)
+
+# Each setting's kind and default; config.example.py explains them.
+SETTINGS_SPEC: dict[str, tuple[str, Any]] = {
+    "HASHTAGS": ("list", None),
+    "ACTIONS": ("list", ["boost"]),
+    "REPLY_TEXT": ("str", ""),
+    "REPLY_VISIBILITY": ("str", "unlisted"),
+    "ACTION_DELAY_SECONDS": ("float", 5.0),
+    "USER_COOLDOWN_SECONDS": ("float", 60.0),
+    "STREAM_TIMEOUT_SECONDS": ("float", 60.0),
+    "LOCAL_ONLY": ("bool", False),
+    "DRY_RUN": ("bool", False),
+    "STATE_FILE": ("str", "hashtag_bot_state.json"),
+    "CATCH_UP_MAX": ("int", 200),
+    "RECONCILE_SECONDS": ("float", 300.0),
+    "POLL_SECONDS": ("float", 60.0),
+    "MAX_ACTIONS_PER_HOUR": ("int", 60),
+    "OPT_OUT_TAGS": ("list", ["nobot", "nobots", "noboost"]),
+    "SKIP_BOTS": ("bool", True),
+    "SKIP_REPLIES": ("bool", False),
+    "SKIP_SENSITIVE": ("bool", False),
+    "LANGUAGES": ("list", []),
+    "SKIP_UNKNOWN_LANGUAGE": ("bool", False),
+    "MAX_HASHTAGS": ("int", 8),
+    "DENY_ACCOUNTS": ("list", []),
+    "SKIP_FILTER_WARN": ("bool", False),
+}
+TRUE_WORDS = ("true", "yes", "1")
+FALSE_WORDS = ("false", "no", "0")
+
+
+class ConfigError(Exception):
+    """A setting, file or credential the user must fix (exit status 2)."""
+
+
+class FatalError(Exception):
+    """A runtime failure the bot cannot carry on from (exit status 1)."""
+
+
+class StopRequested(Exception):
+    """Raised in the main thread by the Ctrl+C and SIGTERM handler."""
+
+
+class Paused(Exception):
+    """Actions are paused (rate limit or hourly budget) until a deadline."""
+
+
+class Unreachable(Exception):
+    """The instance did not answer after retries; resume from the position."""
+
+
+class SkipPost(Exception):
+    """The server rejected the action on this post (404, 403, 422)."""
+
+
+class StreamRestart(Exception):
+    """Leaves ``stream_hashtag`` so that its loop reconnects; carries why."""
+
+
+class Settings:
+    """The validated settings, as attributes named like the settings."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.__dict__.update(values)
+
+
+class Credentials:
+    """The instance URL and the access token (never logged)."""
+
+    def __init__(self, base_url: str, token: str):
+        self.base_url = base_url
+        self.token = token
+
+    def __repr__(self) -> str:
+        return f"Credentials({self.base_url!r}, token=<hidden>)"
+
+
+# --- Settings loading --------------------------------------------------------
+
+
+def parse_setting(name: str, raw: Any, from_environment: bool) -> Any:
+    """Convert one raw setting to its kind, or raise ConfigError naming it."""
+    kind = SETTINGS_SPEC[name][0]
+    where = "environment variable" if from_environment else "setting"
+    fix = f"fix {name} in the environment or in config.py"
+
+    if kind == "list":
+        if isinstance(raw, str):
+            return [item.strip() for item in raw.split(",") if item.strip()]
+        if isinstance(raw, (list, tuple, set)) and all(
+            isinstance(item, str) for item in raw
+        ):
+            return [item.strip() for item in raw if item.strip()]
+        raise ConfigError(
+            f"invalid {where} {name}={raw!r}: expected a list of strings, "
+            f'like ["a", "b"] (or a,b in the environment); {fix}'
+        )
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in TRUE_WORDS:
+            return True
+        if isinstance(raw, str) and raw.strip().lower() in FALSE_WORDS:
+            return False
+        raise ConfigError(
+            f"invalid {where} {name}={raw!r}: expected true or false "
+            f"(also yes/no/1/0); {fix}"
+        )
+    if kind in ("float", "int"):
+        number: Any = raw
+        if isinstance(raw, str):
+            try:
+                number = float(raw.strip()) if kind == "float" else int(raw.strip())
+            except ValueError:
+                number = None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            unit = "a number" if kind == "float" else "a whole number"
+            raise ConfigError(f"invalid {where} {name}={raw!r}: expected {unit}; {fix}")
+        if kind == "int" and number != int(number):
+            raise ConfigError(
+                f"invalid {where} {name}={raw!r}: expected a whole number; {fix}"
+            )
+        if number != number or number in (float("inf"), float("-inf")) or number < 0:
+            raise ConfigError(
+                f"invalid {where} {name}={raw!r}: expected a number of 0 or more; {fix}"
+            )
+        return float(number) if kind == "float" else int(number)
+    if isinstance(raw, os.PathLike):
+        return os.fspath(raw)
+    if not isinstance(raw, str):
+        raise ConfigError(f"invalid {where} {name}={raw!r}: expected a string; {fix}")
+    return raw
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Run config.py and return its upper-case names, or raise ConfigError."""
+    try:
+        namespace = runpy.run_path(str(path))
+    except FileNotFoundError as err:
+        raise ConfigError(
+            f"config file not found: {path}; copy config.example.py to config.py "
+            "and set HASHTAGS, or pass --config PATH"
+        ) from err
+    except SyntaxError as err:
+        raise ConfigError(
+            f"invalid config file {path}, line {err.lineno}: {err.msg}; "
+            "fix the Python syntax there"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - any error in the user's file
+        raise ConfigError(
+            f"invalid config file {path}: {type(err).__name__}: {err}; "
+            "fix that line of the file"
+        ) from err
+    values = {}
+    for key, value in namespace.items():
+        if not key.isupper() or key.startswith("_"):
+            continue
+        if key not in SETTINGS_SPEC:
+            close = difflib.get_close_matches(key, list(SETTINGS_SPEC), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(
+                f"unknown setting {key} in {path}{hint} "
+                "(config.example.py lists every setting)"
+            )
+        values[key] = value
+    return values
+
+
+def load_settings(
+    config_path: Optional[Path],
+    environ: dict[str, str],
+    overrides: Optional[dict[str, Any]] = None,
+) -> Settings:
+    """Merge defaults, config.py and the environment into validated Settings.
+
+    ``config_path`` None means the default file beside the script, which may be
+    missing when HASHTAGS is given in the environment (a systemd unit).
+    """
+    explicit = config_path is not None
+    path = Path(config_path) if explicit else DEFAULT_CONFIG_PATH
+    file_values: dict[str, Any] = {}
+    if path.exists() or explicit or "HASHTAGS" not in environ:
+        file_values = read_config_file(path)
+
+    values: dict[str, Any] = {}
+    for name, (_kind, default) in SETTINGS_SPEC.items():
+        if name in environ:
+            values[name] = parse_setting(name, environ[name], from_environment=True)
+        elif name in file_values:
+            values[name] = parse_setting(name, file_values[name], False)
+        else:
+            values[name] = default
+    values.update(overrides or {})
+    validate_settings(values, path)
+    return Settings(values)
+
+
+def validate_settings(values: dict[str, Any], config_path: Path) -> None:
+    """Check the settings that depend on each other; normalise the hashtags."""
+    if not values["HASHTAGS"]:
+        raise ConfigError(
+            f"missing setting HASHTAGS: set at least one hashtag in {config_path}, "
+            'for example HASHTAGS = ["python"]'
+        )
+    tags = []
+    for raw in values["HASHTAGS"]:
+        tag = normalize_tag(raw)
+        if not tag or not is_valid_tag(tag):
+            raise ConfigError(
+                f"invalid hashtag {raw!r} in HASHTAGS: a hashtag has letters, "
+                "digits and _ only, with or without a leading #"
+            )
+        if tag not in tags:
+            tags.append(tag)
+    values["HASHTAGS"] = tags
+
+    actions = [action.strip().lower() for action in values["ACTIONS"]]
+    for action in actions:
+        if action not in ACTION_NAMES:
+            raise ConfigError(
+                f"unknown action {action!r} in ACTIONS: use one or more of "
+                + ", ".join(ACTION_NAMES)
+            )
+    if not actions:
+        raise ConfigError(
+            "missing ACTIONS: set at least one of " + ", ".join(ACTION_NAMES)
+        )
+    values["ACTIONS"] = list(dict.fromkeys(actions))
+    if "reply" in actions and not values["REPLY_TEXT"].strip():
+        raise ConfigError(
+            "missing setting REPLY_TEXT: ACTIONS contains reply, so set the text "
+            "of the reply in REPLY_TEXT (it follows the author's @mention)"
+        )
+    visibility = values["REPLY_VISIBILITY"].strip().lower()
+    if visibility not in VISIBILITIES:
+        raise ConfigError(
+            f"invalid REPLY_VISIBILITY {values['REPLY_VISIBILITY']!r}: use one of "
+            + ", ".join(VISIBILITIES)
+        )
+    values["REPLY_VISIBILITY"] = visibility
+    if values["STREAM_TIMEOUT_SECONDS"] <= 0:
+        raise ConfigError(
+            "invalid STREAM_TIMEOUT_SECONDS 0: use a number of seconds above 0, "
+            "such as 60 (Mastodon sends a heartbeat every 15 s)"
+        )
+    for name in ("POLL_SECONDS", "RECONCILE_SECONDS"):
+        if values[name] <= 0:
+            raise ConfigError(f"invalid {name} {values[name]!r}: use seconds above 0")
+    if values["MAX_ACTIONS_PER_HOUR"] < 1:
+        raise ConfigError(
+            "invalid MAX_ACTIONS_PER_HOUR 0: use 1 or more (60 is a safe default)"
+        )
+    values["OPT_OUT_TAGS"] = [normalize_tag(t) for t in values["OPT_OUT_TAGS"]]
+    values["LANGUAGES"] = [lang.strip().lower() for lang in values["LANGUAGES"]]
+    values["DENY_ACCOUNTS"] = [parse_deny_entry(e) for e in values["DENY_ACCOUNTS"]]
+    state_file = Path(values["STATE_FILE"]).expanduser()
+    if not state_file.is_absolute():
+        state_file = SCRIPT_DIR / state_file
+    values["STATE_FILE"] = state_file
+
+
+def parse_deny_entry(entry: str) -> str:
+    """Lower-case a DENY_ACCOUNTS entry: ``user``, ``user@domain`` or ``@domain``."""
+    text = entry.strip().lower()
+    if text.startswith("@") and text.count("@") == 1 and len(text) > 1:
+        return text
+    text = text.lstrip("@")
+    if re.fullmatch(r"[a-z0-9_.-]+(@[a-z0-9.-]+)?", text):
+        return text
+    raise ConfigError(
+        f"invalid DENY_ACCOUNTS entry {entry!r}: use user@domain, a local user, "
+        "or @domain for a whole domain"
+    )
+
+
+def load_credentials(env_path: Optional[Path], environ: dict[str, str]) -> Credentials:
+    """Read the instance URL and token from the environment, then ``.env``."""
+    path = Path(env_path) if env_path is not None else DEFAULT_ENV_PATH
+    if env_path is not None and not path.exists():
+        raise ConfigError(f"env file not found: {path}; check the --env-file path")
+    file_values = {k: v for k, v in dotenv_values(path).items() if v is not None}
+    merged = {**file_values, **{k: v for k, v in environ.items() if v}}
+    base_url = merged.get("MASTODON_API_BASE_URL", "").strip()
+    token = merged.get("MASTODON_ACCESS_TOKEN", "").strip()
+    for name, value in (
+        ("MASTODON_API_BASE_URL", base_url),
+        ("MASTODON_ACCESS_TOKEN", token),
+    ):
+        if not value:
+            raise ConfigError(
+                f"missing {name}: set it in {path} or in the environment "
+                "(see the README, 'Get a token'), or run "
+                "python hashtag_bot.py --login https://your.instance"
+            )
+    if re.search(r"\s", token):
+        raise ConfigError(
+            "invalid MASTODON_ACCESS_TOKEN: it contains white space; copy the "
+            "token again from Preferences > Development"
+        )
+    return Credentials(check_base_url(base_url), token)
+
+
+def check_base_url(raw: str) -> str:
+    """Return the base URL without a trailing slash, or raise ConfigError.
+
+    The token travels only over https; plain http is allowed for loopback hosts
+    (local testing) alone.
+    """
+    url = raw if "://" in raw else "https://" + raw
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    problem = ""
+    if parts.scheme not in ("http", "https") or not host:
+        problem = "expected https://your.instance"
+    elif parts.query or parts.fragment or parts.username:
+        problem = "expected just https://your.instance, without ?, # or user@"
+    elif parts.scheme == "http" and not is_loopback_host(host):
+        problem = "the token is only sent over https; use https://" + parts.netloc
+    if problem:
+        raise ConfigError(f"invalid MASTODON_API_BASE_URL {raw!r}: {problem}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as err:
+        raise ConfigError(
+            f"invalid MASTODON_API_BASE_URL {raw!r}: bad port; "
+            "expected https://your.instance"
+        ) from err
+    return url.rstrip("/")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Return True for localhost, 127.0.0.0/8 and ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --- Pure helpers: tags, text, ids, time -------------------------------------
+
+# Letters Mastodon's ASCII folding maps that Unicode decomposition does not.
+ASCII_FOLDS = {
+    "ß": "ss", "æ": "ae", "ø": "o", "œ": "oe", "đ": "d", "ð": "d",
+    "ł": "l", "þ": "th", "ı": "i", "ħ": "h",
+}  # fmt: skip
+# Characters Mastodon keeps in a tag besides letters, digits and marks.
+TAG_SEPARATORS = "_\u00b7\u30fb\u200c"
+HASHTAG_IN_TEXT = re.compile(r"#([^\s#.,;:!?()\[\]{}<>\"'/@]+)")
+HTML_TAG = re.compile(r"<[^>]*>")
+BLOCK_END = re.compile(r"</p>|<br\s*/?>", re.IGNORECASE)
+
+
+def normalize_tag(name: str) -> str:
+    """Normalise a hashtag the way Mastodon 4.x does, without the ``#``.
+
+    NFKC, lower case, accents folded to ASCII on Latin letters, and every
+    character other than letters, digits, marks, ``_`` and a few joiners
+    removed. ``#Café``, ``cafe`` and ``CAFÉ`` all give ``cafe``.
+    NOTE: Mastodon folds with a table of its own (ASCIIFolding); this
+    decomposition covers the Latin letters, not every entry of that table.
+    """
+    text = unicodedata.normalize("NFKC", name.strip().lstrip("#")).lower()
+    folded = []
+    for char in unicodedata.normalize("NFKD", text):
+        if unicodedata.combining(char) and folded and folded[-1].isascii():
+            continue
+        folded.append(ASCII_FOLDS.get(char, char))
+    text = unicodedata.normalize("NFC", "".join(folded))
+    return "".join(
+        char
+        for char in text
+        if char.isalnum()
+        or char in TAG_SEPARATORS
+        or unicodedata.category(char) in ("Mn", "Mc")
+    )
+
+
+def is_valid_tag(tag: str) -> bool:
+    """Return True if ``tag`` is safe to put in a stream or timeline URL."""
+    return bool(tag) and not tag.isdigit() and "/" not in tag and "%" not in tag
+
+
+def html_to_text(markup: str) -> str:
+    """Return the text of Mastodon HTML: tags removed, entities decoded."""
+    return html.unescape(HTML_TAG.sub("", BLOCK_END.sub("\n", markup or "")))
+
+
+def hashtags_in_text(text: str) -> list[str]:
+    """Return the normalised hashtags written in plain text."""
+    return [normalize_tag(match) for match in HASHTAG_IN_TEXT.findall(text)]
+
+
+def id_key(status_id: Any) -> tuple[int, str]:
+    """Return a sort key for ids: numeric strings and ULIDs both sort by it.
+
+    Mastodon ids are growing decimal strings, GoToSocial's are fixed-length
+    ULIDs: comparing by length, then text, orders both kinds correctly.
+    """
+    text = str(status_id)
+    return (len(text), text)
+
+
+def newer_id(first: str, second: str) -> str:
+    """Return the newer of two ids; an empty id is older than any."""
+    if not first:
+        return second
+    if not second:
+        return first
+    return max(first, second, key=id_key)
+
+
+def to_datetime(value: Any) -> Optional[datetime]:
+    """Return an aware datetime from a datetime or an ISO 8601 string."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if isinstance(value, str) and value:
+        try:
+            parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return None
+
+
+def parse_ratelimit_reset(value: str) -> Optional[float]:
+    """Return X-RateLimit-Reset as a Unix time, or None if it is unusable.
+
+    Mastodon sends ISO 8601, GoToSocial a Unix timestamp in seconds.
+    """
+    text = (value or "").strip()
+    if re.fullmatch(r"\d{1,12}(\.\d+)?", text):
+        return float(text)
+    moment = to_datetime(text)
+    if moment is None:
+        # Python 3.9 reads only 3 or 6 digits of a fraction of a second.
+        moment = to_datetime(re.sub(r"(\.\d+)", "", text))
+    return moment.timestamp() if moment else None
+
+
+def parse_http_date(value: str) -> Optional[float]:
+    """Return an HTTP Date header as a Unix time, or None."""
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+class Backoff:
+    """Exponential backoff with jitter: each wait is half to all of the step."""
+
+    def __init__(self, initial: float, maximum: float, jitter: bool = True):
+        self.initial = initial
+        self.maximum = maximum
+        self.jitter = jitter
+        self.step = initial
+
+    def next_delay(self) -> float:
+        """Return the next wait in seconds and double the step."""
+        step = self.step
+        self.step = min(self.step * 2, self.maximum)
+        return random.uniform(step / 2, step) if self.jitter else step
+
+    def reset(self) -> None:
+        self.step = self.initial
+
+
+# --- The rules ---------------------------------------------------------------
+
+
+def field(obj: Any, name: str, default: Any = None) -> Any:
+    """Return ``obj[name]`` for the dicts Mastodon.py returns, else default."""
+    if isinstance(obj, dict):
+        value = obj.get(name, default)
+        return default if value is None else value
+    return default
+
+
+def account_opt_out_tags(account: Any) -> list[str]:
+    """Return the normalised hashtags in an account's bio and field values."""
+    texts = [html_to_text(field(account, "note", ""))]
+    for profile_field in field(account, "fields", []) or []:
+        texts.append(html_to_text(field(profile_field, "value", "")))
+    return [tag for text in texts for tag in hashtags_in_text(text)]
+
+
+def status_tags(status: Any) -> list[str]:
+    """Return the normalised names of a status's hashtags."""
+    return [
+        normalize_tag(str(field(tag, "name", "")))
+        for tag in field(status, "tags", []) or []
+        if field(tag, "name")
+    ]
+
+
+def acct_domain(acct: str, local_domain: str) -> tuple[str, str]:
+    """Split ``user@domain`` (a local account has no domain) into both parts."""
+    user, _, domain = acct.lower().partition("@")
+    return user, domain or local_domain
+
+
+def skip_reason(status: Any, settings: Settings, me: dict[str, Any]) -> str:
+    """Return why a post must not be acted on, or "" if the rules allow it.
+
+    ``me`` holds the bot account's ``id``, its ``domain`` and the sets
+    ``blocked_ids`` and ``blocked_domains`` (its blocks, mutes and domain
+    blocks). Time-dependent rules (cooldown, already handled) live in the bot.
+    """
+    account = field(status, "account", {})
+    if field(status, "reblog"):
+        return "boost of another post"
+    if str(field(account, "id", "")) == me["id"]:
+        return "own post"
+    visibility = field(status, "visibility", "")
+    if visibility not in ("public", "unlisted"):
+        return f"not public or unlisted ({visibility or 'no visibility'})"
+    acct = str(field(account, "acct", ""))
+    user, domain = acct_domain(acct, me["domain"])
+    if str(field(account, "id", "")) in me["blocked_ids"]:
+        return "author blocked or muted by the bot account"
+    if domain in me["blocked_domains"]:
+        return "domain blocked by the bot account"
+    deny = settings.DENY_ACCOUNTS
+    if "@" + domain in deny or f"{user}@{domain}" in deny:
+        return "author in DENY_ACCOUNTS"
+    if domain == me["domain"] and user in deny:
+        return "author in DENY_ACCOUNTS"
+    if settings.SKIP_BOTS and field(account, "bot", False):
+        return "author is a bot (SKIP_BOTS)"
+    opt_out = set(settings.OPT_OUT_TAGS)
+    if opt_out.intersection(account_opt_out_tags(account)):
+        return "author opted out in bio"
+    tags = status_tags(status)
+    if opt_out.intersection(tags):
+        return "post carries an opt-out tag"
+    if len(tags) > settings.MAX_HASHTAGS:
+        return f"more hashtags than MAX_HASHTAGS ({len(tags)})"
+    if settings.SKIP_REPLIES and field(status, "in_reply_to_id"):
+        return "reply (SKIP_REPLIES)"
+    if settings.SKIP_SENSITIVE and (
+        field(status, "sensitive", False) or field(status, "spoiler_text", "")
+    ):
+        return "sensitive or content warning (SKIP_SENSITIVE)"
+    language = str(field(status, "language", "")).lower().split("-")[0]
+    if settings.LANGUAGES:
+        if not language and settings.SKIP_UNKNOWN_LANGUAGE:
+            return "no language (SKIP_UNKNOWN_LANGUAGE)"
+        if language and language not in settings.LANGUAGES:
+            return f"language not in LANGUAGES ({language})"
+    elif not language and settings.SKIP_UNKNOWN_LANGUAGE:
+        return "no language (SKIP_UNKNOWN_LANGUAGE)"
+    for result in field(status, "filtered", []) or []:
+        action = field(field(result, "filter", {}), "filter_action", "")
+        if action == "hide" or (action == "warn" and settings.SKIP_FILTER_WARN):
+            title = field(field(result, "filter", {}), "title", "")
+            return f"hidden by the owner's filter ({action}: {title!r})"
+    return ""
+
+
+def reply_skip_reason(status: Any, me: dict[str, Any]) -> str:
+    """Return why the bot must not reply to this post, or "".
+
+    Replies start reply loops: never to a bot, to a post that mentions the bot
+    account, or to a post that answers the bot.
+    """
+    if field(field(status, "account", {}), "bot", False):
+        return "author is a bot"
+    if any(str(field(m, "id", "")) == me["id"] for m in field(status, "mentions", [])):
+        return "post mentions the bot account"
+    if str(field(status, "in_reply_to_account_id", "")) == me["id"]:
+        return "post replies to the bot account"
+    return ""
+
+
+def reply_text(settings: Settings, acct: str, tag: str) -> str:
+    """Return the reply: the author's mention, then REPLY_TEXT filled in."""
+    text = settings.REPLY_TEXT.replace("{acct}", acct).replace("{tag}", tag)
+    return f"@{acct} {text}"
+
+
+# --- State file --------------------------------------------------------------
+
+
+class State:
+    """The saved position: what survives a restart, written atomically.
+
+    ``positions`` maps each tag to the id of the newest post fully handled ("" for
+    a timeline that was empty); ``acted`` keeps the ids acted on recently,
+    ``authors`` each author's last action time (Unix seconds), ``action_times``
+    the actions of the last hour and ``pause_until`` a rate-limit deadline.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.existed = False
+        self.positions: dict[str, str] = {}
+        self.acted: OrderedDict[str, None] = OrderedDict()
+        self.authors: dict[str, float] = {}
+        self.action_times: deque = deque()
+        self.pause_until = 0.0
+
+    def load(self) -> None:
+        """Read the file; move a corrupt one aside and start as on a first run."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            log.warning(
+                "cannot read state file %s (%s); starting fresh", self.path, err
+            )
+            return
+        try:
+            data = json.loads(text)
+            positions = {str(k): str(v) for k, v in data["positions"].items()}
+            acted = [str(i) for i in data.get("acted", [])]
+            authors = {str(k): float(v) for k, v in data.get("authors", {}).items()}
+            action_times = sorted(float(t) for t in data.get("action_times", []))
+            pause_until = float(data.get("pause_until") or 0.0)
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            aside = self.path.with_name(
+                f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+            )
+            try:
+                os.replace(self.path, aside)
+                moved = f"moved it to {aside}"
+            except OSError as move_err:
+                moved = f"could not move it aside: {move_err}"
+            log.warning(
+                "state file %s is corrupt (%s); %s and starting as on a first run",
+                self.path,
+                err,
+                moved,
+            )
+            return
+        self.existed = True
+        self.positions = positions
+        self.acted = OrderedDict((i, None) for i in acted[-ACTED_IDS_MAX:])
+        self.authors = authors
+        self.action_times = deque(action_times)
+        self.pause_until = pause_until
+
+    def save(self) -> None:
+        """Write the file atomically: temporary file, flush, fsync, rename."""
+        data = {
+            "version": 1,
+            "positions": self.positions,
+            "acted": list(self.acted),
+            "authors": self.authors,
+            "action_times": list(self.action_times),
+            "pause_until": self.pause_until or None,
+        }
+        directory = self.path.parent
+        fd, temporary = tempfile.mkstemp(
+            prefix=self.path.name + ".", suffix=".tmp", dir=str(directory)
+        )
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(data, handle, separators=(",", ":"))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        if hasattr(os, "O_DIRECTORY"):
+            # The rename itself survives a power cut only once the directory is
+            # on disk too.
+            dir_fd = os.open(str(directory), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def remember_action(self, status_id: str, author_id: str, now: float) -> None:
+        self.acted[status_id] = None
+        while len(self.acted) > ACTED_IDS_MAX:
+            self.acted.popitem(last=False)
+        self.authors[author_id] = now
+
+    def prune(self, now: float, cooldown: float) -> None:
+        """Forget authors past the cooldown and actions older than an hour."""
+        self.authors = {a: t for a, t in self.authors.items() if now - t < cooldown}
+        while self.action_times and now - self.action_times[0] >= ACTION_WINDOW_SECONDS:
+            self.action_times.popleft()
+
+
+# --- Logging -----------------------------------------------------------------
+
+
+class RedactingFilter(logging.Filter):
+    """Removes the token from every record, and counts repeated warnings."""
+
+    def __init__(self, secret: str = ""):
+        super().__init__()
+        self.secret = secret
+        self.last_seen: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.secret and self.secret in message:
+            message = message.replace(self.secret, "<token>")
+            record.msg, record.args = message, None
+        if record.levelno != logging.WARNING:
+            return True
+        now = time.monotonic()
+        seen_at, suppressed = self.last_seen.get(message, (0.0, 0))
+        if now - seen_at < REPEAT_WINDOW_SECONDS:
+            self.last_seen[message] = (seen_at, suppressed + 1)
+            return False
+        if len(self.last_seen) > 1000:
+            self.last_seen.clear()
+        self.last_seen[message] = (now, 0)
+        if suppressed:
+            record.msg, record.args = f"{message} (repeated {suppressed} times)", None
+        return True
+
+
+def configure_logging(verbose: bool) -> RedactingFilter:
+    """Log to stderr; without timestamps when systemd's journal adds them."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"
+            )
+        )
+    redactor = RedactingFilter()
+    handler.addFilter(redactor)
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+    return redactor
+
+
+# --- The listener ------------------------------------------------------------
+
+
+class HashtagListener(StreamListener):
+    """Hands each post of one hashtag stream to the bot, in the stream's thread.
+
+    Malformed events are logged and skipped, so that one bad line does not cost
+    the connection; the reconciliation finds any post they may have hidden.
+    """
+
+    def __init__(self, watcher: "TagWatcher"):
+        super().__init__()
+        self.watcher = watcher
+
+    def on_update(self, status):
+        self.watcher.on_post(status, edited=False)
+
+    def on_status_update(self, status):
+        # Mastodon 4.x sends an edit that adds a watched tag only as
+        # status.update; Mastodon.py 2.3.3 passes a plain dict here.
+        self.watcher.on_post(status, edited=True)
+
+    def on_delete(self, status_id):
+        self.watcher.bot.remember_deleted(str(status_id))
+
+    def on_unknown_event(self, name, unknown_event=None):
+        log.debug("#%s: ignored stream event %r", self.watcher.tag, name)
+
+    def handle_heartbeat(self):
+        self.watcher.on_heartbeat()
+
+    def _dispatch(self, event):
+        # Mastodon.py 2.3.3 raises MastodonMalformedEventError from here and so
+        # ends the stream; this keeps the connection and logs the event.
+        try:
+            super()._dispatch(event)
+        except MastodonMalformedEventError as err:
+            self.watcher.on_malformed(event, err)
+
+    def _parse_line(self, line, event):
+        try:
+            return super()._parse_line(line, event)
+        except MastodonMalformedEventError as err:
+            self.watcher.on_malformed({"line": line}, err)
+            return event
+
+
+# --- The bot -----------------------------------------------------------------
+
+
+class HashtagBot:
+    """Watches the hashtags and acts on their posts; ``run()`` until ``stop()``.
+
+    Every post, streamed or read from the REST timeline, goes through
+    ``handle_post`` under one lock, so actions of all hashtags are serialised
+    and spaced by ACTION_DELAY_SECONDS. ``clock`` (Unix seconds) and ``sleep``
+    (returns True once the bot is stopping) can be replaced by tests.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        credentials: Credentials,
+        clock: Callable[[], float] = time.time,
+        sleep: Optional[Callable[[float], bool]] = None,
+    ):
+        self.settings = settings
+        self.credentials = credentials
+        self.clock = clock
+        self.stop_event = threading.Event()
+        self._sleep = sleep or self.stop_event.wait
+        self.lock = threading.RLock()
+        self.deleted_lock = threading.Lock()
+        self.api = self.make_client()
+        self.state = State(settings.STATE_FILE)
+        self.me: dict[str, Any] = {}
+        self.handled: OrderedDict[str, None] = OrderedDict()
+        self.deleted: OrderedDict[str, None] = OrderedDict()
+        self.stats: Counter = Counter()
+        self.skip_reasons: Counter = Counter()
+        self.summary_since = clock()
+        self.fatal_message = ""
+        self.last_ratelimit_headers: dict[str, str] = {}
+        self.ratelimit_backoff = Backoff(
+            RATELIMIT_BACKOFF_INITIAL_SECONDS, RATELIMIT_BACKOFF_MAX_SECONDS, False
+        )
+        self.blocklists_read_at = 0.0
+        self.watchers: list[TagWatcher] = []
+
+    # Clients and calls -------------------------------------------------------
+
+    def make_client(self) -> Mastodon:
+        """Return a Mastodon.py client that raises on 429 instead of sleeping."""
+        session = requests.Session()
+        session.hooks["response"].append(self.inspect_response)
+        return Mastodon(
+            access_token=self.credentials.token,
+            api_base_url=self.credentials.base_url,
+            # "wait" would sleep inside a call for up to hours; the bot pauses
+            # itself. "none" skips the version check, which in Mastodon.py 2.3.3
+            # recurses without end when the instance is unreachable.
+            ratelimit_method="throw",
+            version_check_mode="none",
+            request_timeout=REQUEST_TIMEOUT_SECONDS,
+            session=session,
+            user_agent=USER_AGENT,
+        )
+
+    def inspect_response(self, response, *args, **kwargs):
+        """Keep the rate-limit headers of a 429; drop headers that do not parse.
+
+        Mastodon.py 2.3.3 raises MastodonRatelimitError on any response whose
+        X-RateLimit-Reset or Date it cannot parse, even a 200.
+        """
+        headers = response.headers
+        reset = headers.get("X-RateLimit-Reset")
+        if reset is not None and parse_ratelimit_reset(reset) is None:
+            log.warning("ignored an unreadable X-RateLimit-Reset header %r", reset)
+            del headers["X-RateLimit-Reset"]
+        date = headers.get("Date")
+        if date is not None and parse_http_date(date) is None:
+            log.warning("ignored an unreadable Date header %r", date)
+            del headers["Date"]
+        if response.status_code == 429:
+            self.last_ratelimit_headers = {
+                "reset": headers.get("X-RateLimit-Reset", ""),
+                "date": headers.get("Date", ""),
+            }
+        return response
+
+    def sleep(self, seconds: float) -> bool:
+        """Wait, or return True at once if the bot is stopping."""
+        if self.stop_event.is_set():
+            return True
+        return bool(self._sleep(max(0.0, seconds))) or self.stop_event.is_set()
+
+    def call(self, description: str, method: Callable, *args, **kwargs) -> Any:
+        """Call the API, mapping every failure class to what the bot does.
+
+        401 and a 403 about scopes stop the bot (FatalError); 404, other 403s
+        and 422 raise SkipPost; 429 pauses all actions (Paused); 5xx (503 from
+        two racing requests included) and network errors are retried with
+        backoff, then raise SkipPost for a 5xx or Unreachable for the network.
+        """
+        backoff = Backoff(RETRY_BACKOFF_INITIAL_SECONDS, RETRY_BACKOFF_MAX_SECONDS)
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            self.check_paused()
+            try:
+                result = method(*args, **kwargs)
+            except MastodonRatelimitError as err:
+                self.start_ratelimit_pause(description, err)
+                raise Paused() from err
+            except MastodonUnauthorizedError as err:
+                raise FatalError(
+                    f"the instance rejected MASTODON_ACCESS_TOKEN (401) while "
+                    f"trying to {description}: the token was revoked or is wrong; "
+                    "create a new one (README, 'Get a token') and restart"
+                ) from err
+            except MastodonNotFoundError as err:
+                raise SkipPost(f"not found (404): {error_text(err)}") from err
+            except MastodonServerError as err:
+                failure = f"server error {error_status(err)}: {error_text(err)}"
+                unreachable = False
+            except MastodonAPIError as err:
+                status, text = error_status(err), error_text(err)
+                if status == 403 and "scope" in text.lower():
+                    raise FatalError(
+                        f"the token lacks a scope needed to {description} "
+                        f"({text}); create a token with the scopes "
+                        f"{' '.join(needed_scopes(self.settings.ACTIONS))}"
+                    ) from err
+                raise SkipPost(f"rejected ({status}): {text}") from err
+            except (MastodonNetworkError, requests.RequestException) as err:
+                failure = f"network error: {err}"
+                unreachable = True
+            else:
+                self.ratelimit_backoff.reset()
+                return result
+            if attempt == RETRY_ATTEMPTS:
+                break
+            delay = backoff.next_delay()
+            log.warning(
+                "could not %s (%s); retry %d of %d in %.0f s",
+                description,
+                failure,
+                attempt,
+                RETRY_ATTEMPTS - 1,
+                delay,
+            )
+            if self.sleep(delay):
+                raise Unreachable("stopping")
+        if unreachable:
+            raise Unreachable(f"could not {description}: {failure}")
+        raise SkipPost(f"gave up after {RETRY_ATTEMPTS} attempts: {failure}")
+
+    # Pauses ----------------------------------------------------------------
+
+    def check_paused(self) -> None:
+        if self.state.pause_until > self.clock():
+            raise Paused()
+
+    def start_ratelimit_pause(self, description: str, err: Exception) -> None:
+        """Pause all actions until the server's reset time, or back off."""
+        now = self.clock()
+        headers, self.last_ratelimit_headers = self.last_ratelimit_headers, {}
+        reset = parse_ratelimit_reset(headers.get("reset", ""))
+        server_now = parse_http_date(headers.get("date", "")) if reset else None
+        if reset is not None:
+            # Measure the wait on the server's clock when it sent one: the
+            # Raspberry Pi's own clock may be off.
+            seconds = reset - (server_now if server_now else now)
+            seconds = min(max(seconds, 1.0), RATELIMIT_PAUSE_MAX_SECONDS)
+            why = "until the server's X-RateLimit-Reset"
+        else:
+            seconds = self.ratelimit_backoff.next_delay()
+            why = "no usable X-RateLimit-Reset header, backing off"
+        self.state.pause_until = max(self.state.pause_until, now + seconds)
+        self.save_state()
+        log.warning(
+            "rate limited (429) while trying to %s: pausing all actions for %.0f s "
+            "(%s), then catching up from the saved position",
+            description,
+            seconds,
+            why,
+        )
+
+    def start_budget_pause(self) -> None:
+        """Pause actions until the oldest action of the hour leaves the window."""
+        resume_at = self.state.action_times[0] + ACTION_WINDOW_SECONDS
+        self.state.pause_until = max(self.state.pause_until, resume_at)
+        self.save_state()
+        log.info(
+            "MAX_ACTIONS_PER_HOUR (%d) reached: waiting %.0f s; the posts meanwhile "
+            "are caught up afterwards, not dropped",
+            self.settings.MAX_ACTIONS_PER_HOUR,
+            resume_at - self.clock(),
+        )
+
+    def wait_while_paused(self) -> bool:
+        """Wait until any pause is over; return True if the bot is stopping."""
+        while True:
+            remaining = self.state.pause_until - self.clock()
+            if remaining <= 0:
+                return self.stop_event.is_set()
+            if self.sleep(min(remaining, 60.0)):
+                return True
+
+    # Start-up ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Verify the token, read the bot account and state; warn about advice."""
+        try:
+            account = self.call(
+                "verify the access token", self.api.account_verify_credentials
+            )
+        except Unreachable as err:
+            raise FatalError(
+                f"cannot reach {self.credentials.base_url} ({err}); check "
+                "MASTODON_API_BASE_URL and the network"
+            ) from err
+        except (SkipPost, Paused) as err:
+            raise FatalError(
+                f"{self.credentials.base_url} did not accept the token check "
+                f"({err or 'rate limited'}); is MASTODON_API_BASE_URL a Mastodon "
+                "instance?"
+            ) from err
+        url = str(field(account, "url", "")) or self.credentials.base_url
+        self.me = {
+            "id": str(field(account, "id", "")),
+            "acct": str(field(account, "acct", "")),
+            "domain": (urlsplit(url).hostname or "").lower(),
+            "blocked_ids": set(),
+            "blocked_domains": set(),
+        }
+        self.state.load()
+        self.check_scopes()
+        self.refresh_blocklists()
+        log.info(
+            "logged in as @%s on %s; watching %s; actions: %s%s",
+            self.me["acct"],
+            self.credentials.base_url,
+            ", ".join("#" + t for t in self.settings.HASHTAGS),
+            ", ".join(self.settings.ACTIONS),
+            " (DRY RUN: nothing is changed)" if self.settings.DRY_RUN else "",
+        )
+        self.advise(account)
+
+    def check_scopes(self) -> None:
+        """Stop now if the token's scopes cannot cover ACTIONS.
+
+        /api/v1/apps/verify_credentials names them (Mastodon 4.x); a server that
+        does not answer it is given the benefit of the doubt.
+        """
+        try:
+            app = self.api.app_verify_credentials()
+        except (MastodonError, requests.RequestException):
+            return
+        scopes = field(app, "scopes", None)
+        if not isinstance(scopes, list):
+            return
+        missing = missing_scopes(scopes, needed_scopes(self.settings.ACTIONS))
+        if missing:
+            raise FatalError(
+                f"the token lacks the scopes {' '.join(missing)} needed for ACTIONS "
+                f"{', '.join(self.settings.ACTIONS)}; create a token with them "
+                "(Preferences > Development > New application)"
+            )
+
+    def refresh_blocklists(self) -> None:
+        """Read the bot account's blocks, mutes and domain blocks.
+
+        The streaming server drops their posts, the REST timeline may not, so the
+        catch-up applies them itself.
+        """
+        blocked_ids, blocked_domains = set(), set()
+        try:
+            for method in (self.api.blocks, self.api.mutes):
+                accounts = self.api.fetch_remaining(method(limit=80))
+                blocked_ids.update(str(field(a, "id", "")) for a in accounts)
+            domains = self.api.fetch_remaining(self.api.domain_blocks(limit=200))
+            blocked_domains.update(str(d).lower() for d in domains)
+        except (MastodonError, requests.RequestException) as err:
+            log.warning("could not read the bot account's blocks and mutes: %s", err)
+            return
+        finally:
+            self.blocklists_read_at = self.clock()
+        self.me["blocked_ids"] = blocked_ids
+        self.me["blocked_domains"] = blocked_domains
+
+    def advise(self, account: Any) -> None:
+        """Warn when the account is not marked as a bot or has no opt-out hint."""
+        if not field(account, "bot", False):
+            log.warning(
+                "the account @%s is not marked as a bot: tick Preferences > "
+                "Profile > 'This is an automated account'",
+                self.me["acct"],
+            )
+        opt_out = set(self.settings.OPT_OUT_TAGS)
+        if opt_out and not opt_out.intersection(account_opt_out_tags(account)):
+            log.warning(
+                "the bio of @%s does not say how to opt out: add a line such as "
+                "'Add #%s to your bio and I will leave your posts alone' in "
+                "Preferences > Profile > Bio",
+                self.me["acct"],
+                self.settings.OPT_OUT_TAGS[0],
+            )
+
+    # Handling one post ----------------------------------------------------------
+
+    def remember_deleted(self, status_id: str) -> None:
+        with self.deleted_lock:
+            self.deleted[status_id] = None
+            while len(self.deleted) > DELETED_IDS_MAX:
+                self.deleted.popitem(last=False)
+
+    def handle_post(self, status: Any, tag: str, source: str) -> bool:
+        """Decide on one post, act on it, and save the position of ``tag``.
+
+        Returns True if the post was new (not handled before). Raises Paused,
+        Unreachable or FatalError with the position left before the post, so
+        that a catch-up comes back to it.
+        """
+        with self.lock:
+            status_id = str(field(status, "id", ""))
+            account = field(status, "account", None)
+            if not status_id or not isinstance(account, dict):
+                log.warning("#%s: ignored a %s post without id or account", tag, source)
+                self.stats["malformed"] += 1
+                return False
+            url = str(field(status, "url", "") or field(status, "uri", "")) or status_id
+            if status_id in self.handled or status_id in self.state.acted:
+                log.debug("skip %s: already handled", url)
+                self.advance(tag, status_id)
+                return False
+
+            self.stats["seen"] += 1
+            reason = self.time_skip_reason(status, tag) or skip_reason(
+                status, self.settings, self.me
+            )
+            if reason:
+                self.stats["skipped"] += 1
+                self.skip_reasons[reason.split(" (")[0]] += 1
+                log.debug("skip %s (#%s, %s): %s", url, tag, source, reason)
+                self.finish(tag, status_id)
+                return True
+
+            outcome = self.act(status, tag, url)
+            if outcome == "acted":
+                self.stats["acted"] += 1
+                self.state.remember_action(
+                    status_id, str(field(account, "id", "")), self.clock()
+                )
+            elif outcome == "failed":
+                self.stats["failed"] += 1
+            else:
+                self.stats["skipped"] += 1
+                self.skip_reasons[outcome] += 1
+            self.finish(tag, status_id)
+            return True
+
+    def time_skip_reason(self, status: Any, tag: str) -> str:
+        """Return a skip reason that depends on time or on earlier posts."""
+        if tag not in status_tags(status):
+            return f"does not carry #{tag}"
+        if str(field(status, "id", "")) in self.deleted:
+            return "deleted"
+        author = str(field(field(status, "account", {}), "id", ""))
+        last = self.state.authors.get(author)
+        now = self.clock()
+        if last is not None and now - last < self.settings.USER_COOLDOWN_SECONDS:
+            return f"USER_COOLDOWN_SECONDS (author acted on {now - last:.0f} s ago)"
+        return ""
+
+    def act(self, status: Any, tag: str, url: str) -> str:
+        """Carry out each action in ACTIONS.
+
+        Returns "acted" if any action was done, "failed" if the server rejected
+        one, or else the reason no action applied.
+        """
+        acct = str(field(field(status, "account", {}), "acct", ""))
+        outcome = "no action applies"
+        for action in self.settings.ACTIONS:
+            if action == "reply":
+                reason = reply_skip_reason(status, self.me)
+                if reason:
+                    log.debug("no reply to %s: %s", url, reason)
+                    outcome = "acted" if outcome == "acted" else f"no reply: {reason}"
+                    continue
+            if self.settings.DRY_RUN:
+                log.info("dry run: would %s %s by @%s (#%s)", action, url, acct, tag)
+                outcome = "acted"
+                continue
+            self.wait_for_budget()
+            if self.sleep(self.settings.ACTION_DELAY_SECONDS):
+                raise Unreachable("stopping")
+            if str(field(status, "id")) in self.deleted:
+                log.info("skip %s: deleted during the delay", url)
+                return "acted" if outcome == "acted" else "deleted"
+            method, args, kwargs = self.action_call(action, status, tag)
+            try:
+                self.call(f"{action} {url}", method, *args, **kwargs)
+            except SkipPost as err:
+                log.warning("skip %s by @%s: %s %s", url, acct, action, err)
+                return "acted" if outcome == "acted" else "failed"
+            self.state.action_times.append(self.clock())
+            log.info("%s %s by @%s (#%s)", past_tense(action), url, acct, tag)
+            outcome = "acted"
+        return outcome
+
+    def action_call(
+        self, action: str, status: Any, tag: str
+    ) -> tuple[Callable, tuple[Any, ...], dict[str, Any]]:
+        """Return the client method and arguments that carry out ``action``."""
+        status_id = str(field(status, "id"))
+        if action == "boost":
+            return self.api.status_reblog, (status_id,), {}
+        if action == "favourite":
+            return self.api.status_favourite, (status_id,), {}
+        if action == "bookmark":
+            return self.api.status_bookmark, (status_id,), {}
+        acct = str(field(field(status, "account", {}), "acct", ""))
+        # Mastodon keeps an Idempotency-Key for an hour: a reply repeated after a
+        # crash between the post and the state write is not posted twice.
+        return (
+            self.api.status_post,
+            (reply_text(self.settings, acct, tag),),
+            {
+                "in_reply_to_id": status_id,
+                "visibility": self.settings.REPLY_VISIBILITY,
+                "idempotency_key": f"hashtag-bot-reply-{self.me['id']}-{status_id}",
+            },
+        )
+
+    def wait_for_budget(self) -> None:
+        """Raise Paused when MAX_ACTIONS_PER_HOUR actions are in the window."""
+        self.state.prune(self.clock(), self.settings.USER_COOLDOWN_SECONDS)
+        if len(self.state.action_times) >= self.settings.MAX_ACTIONS_PER_HOUR:
+            self.start_budget_pause()
+            raise Paused()
+        self.check_paused()
+
+    def finish(self, tag: str, status_id: str) -> None:
+        """Mark a post handled, advance the position and save it."""
+        self.handled[status_id] = None
+        while len(self.handled) > HANDLED_IDS_MAX:
+            self.handled.popitem(last=False)
+        self.advance(tag, status_id)
+
+    def advance(self, tag: str, status_id: str) -> None:
+        old = self.state.positions.get(tag, "")
+        self.state.positions[tag] = newer_id(old, status_id)
+        if not self.settings.DRY_RUN:
+            self.save_state()
+
+    def save_state(self) -> None:
+        """Save the state file; a failure to write is logged, not fatal."""
+        if self.settings.DRY_RUN:
+            return
+        try:
+            self.state.save()
+        except OSError as err:
+            log.error("could not save the state file %s: %s", self.state.path, err)
+
+    # Catch-up ---------------------------------------------------------------------
+
+    def record_first_position(self, tag: str) -> None:
+        """On a first run, take the newest post of the tag as the position."""
+        with self.lock:
+            page = self.call(
+                f"read the #{tag} timeline",
+                self.api.timeline_hashtag,
+                quote(tag, safe=""),
+                local=self.settings.LOCAL_ONLY,
+                limit=1,
+            )
+            newest = str(field(page[0], "id", "")) if page else ""
+            self.state.positions[tag] = newest
+            self.save_state()
+        log.info(
+            "#%s: first run, starting after %s; older posts are not acted on",
+            tag,
+            f"post {newest}" if newest else "an empty timeline",
+        )
+
+    def catch_up(self, tag: str, why: str, grace_seconds: float = 0.0) -> int:
+        """Handle the posts of ``tag`` after its saved position, oldest first.
+
+        Reads ``min_id`` pages of 40 and handles up to CATCH_UP_MAX new posts;
+        beyond that it counts what it skips and moves the position past them.
+        Posts younger than ``grace_seconds`` are left for the stream. Returns the
+        number of new posts handled.
+        """
+        if tag not in self.state.positions:
+            self.record_first_position(tag)
+            return 0
+        handled = 0
+        skipped = 0
+        while True:
+            with self.lock:
+                cursor = self.state.positions.get(tag) or "0"
+                page = self.call(
+                    f"read the #{tag} timeline",
+                    self.api.timeline_hashtag,
+                    quote(tag, safe=""),
+                    local=self.settings.LOCAL_ONLY,
+                    min_id=cursor,
+                    limit=TIMELINE_PAGE_SIZE,
+                )
+                statuses = sorted(
+                    (s for s in page or [] if field(s, "id")),
+                    key=lambda s: id_key(field(s, "id")),
+                )
+                statuses = [
+                    s for s in statuses if id_key(field(s, "id")) > id_key(cursor)
+                ]
+                if grace_seconds:
+                    statuses = self.older_than(statuses, grace_seconds)
+                for status in statuses:
+                    if handled >= self.settings.CATCH_UP_MAX:
+                        skipped += 1
+                        self.advance(tag, str(field(status, "id")))
+                        continue
+                    if self.handle_post(status, tag, why):
+                        handled += 1
+                if len(page or []) < TIMELINE_PAGE_SIZE or not statuses:
+                    break
+                if skipped >= SKIP_COUNT_MAX_PAGES * TIMELINE_PAGE_SIZE:
+                    skipped = self.skip_to_newest(tag, skipped)
+                    break
+        if skipped:
+            log.warning(
+                "#%s: catch-up stopped after CATCH_UP_MAX=%d posts and skipped %d "
+                "newer ones",
+                tag,
+                self.settings.CATCH_UP_MAX,
+                skipped,
+            )
+        return handled
+
+    def older_than(self, statuses: list[Any], seconds: float) -> list[Any]:
+        """Return the leading posts created more than ``seconds`` ago."""
+        kept = []
+        for status in statuses:
+            created = to_datetime(field(status, "created_at"))
+            if created and self.clock() - created.timestamp() < seconds:
+                break
+            kept.append(status)
+        return kept
+
+    def skip_to_newest(self, tag: str, skipped: int) -> int:
+        """Move the position to the newest post of the tag; count at least."""
+        page = self.call(
+            f"read the #{tag} timeline",
+            self.api.timeline_hashtag,
+            quote(tag, safe=""),
+            local=self.settings.LOCAL_ONLY,
+            limit=1,
+        )
+        if page:
+            self.advance(tag, str(field(page[0], "id")))
+        return skipped
+
+    # Running ------------------------------------------------------------------------
+
+    def run(self, once: bool = False) -> int:
+        """Start, watch every hashtag until stopped, and return the exit status."""
+        try:
+            self.start()
+            if once:
+                return self.run_once()
+            for tag in self.settings.HASHTAGS:
+                watcher = TagWatcher(self, tag)
+                self.watchers.append(watcher)
+                watcher.thread.start()
+            while not self.sleep(1.0):
+                now = self.clock()
+                if now - self.summary_since >= SUMMARY_INTERVAL_SECONDS:
+                    self.log_summary()
+                if now - self.blocklists_read_at >= BLOCKLIST_REFRESH_SECONDS:
+                    with self.lock:
+                        self.refresh_blocklists()
+        except FatalError as err:
+            self.fatal(str(err))
+        except StopRequested:
+            pass
+        return self.shutdown()
+
+    def run_once(self) -> int:
+        """Catch up every hashtag from its saved position, then return."""
+        for tag in self.settings.HASHTAGS:
+            try:
+                self.catch_up(tag, "catch-up")
+            except Paused:
+                log.warning(
+                    "#%s: actions are paused until %s; run again later",
+                    tag,
+                    format_time(self.state.pause_until),
+                )
+            except Unreachable as err:
+                self.fatal_message = f"#{tag}: {err}; run again later"
+                break
+        return self.shutdown()
+
+    def fatal(self, message: str) -> None:
+        """Record a fatal error and stop the bot (exit status 1)."""
+        if not self.fatal_message:
+            self.fatal_message = message
+        self.stop_event.set()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def shutdown(self) -> int:
+        """Let an action in flight finish, save, log the summary, and return."""
+        self.stop_event.set()
+        if self.lock.acquire(timeout=STOP_GRACE_SECONDS):
+            try:
+                if self.me:
+                    self.save_state()
+            finally:
+                self.lock.release()
+        if self.me:
+            self.log_summary(final=True)
+            log.info("stopped")
+        if self.fatal_message:
+            # The last line on stderr says what went wrong and how to fix it.
+            log.error("%s", self.fatal_message)
+            return EXIT_FATAL
+        return EXIT_OK
+
+    def log_summary(self, final: bool = False) -> None:
+        """Log one line: posts seen, acted on, skipped (by rule), failed."""
+        with self.lock:
+            stats, reasons = self.stats, self.skip_reasons
+            self.stats, self.skip_reasons = Counter(), Counter()
+            since = self.summary_since
+            self.summary_since = self.clock()
+        by_rule = ", ".join(f"{r}: {n}" for r, n in reasons.most_common()) or "none"
+        log.info(
+            "%s: %d posts seen, %d acted on, %d skipped (%s), %d failed",
+            f"since {format_time(since)}" if final else "last hour",
+            stats["seen"],
+            stats["acted"],
+            stats["skipped"],
+            by_rule,
+            stats["failed"],
+        )
+
+
+class TagWatcher:
+    """Streams one hashtag in its own thread, with its own reconnect loop.
+
+    Before each connect it catches up from the saved position; once the stream
+    is open it catches up again (a post published while connecting is not
+    lost), and every RECONCILE_SECONDS it compares the REST timeline with what
+    the stream delivered. When the stream cannot be used it polls instead.
+    """
+
+    def __init__(self, bot: HashtagBot, tag: str):
+        self.bot = bot
+        self.tag = tag
+        self.client: Optional[Mastodon] = None
+        self.thread = threading.Thread(
+            target=self.run, name=f"stream-{tag}", daemon=True
+        )
+        self.backoff = Backoff(
+            STREAM_BACKOFF_INITIAL_SECONDS, STREAM_BACKOFF_MAX_SECONDS
+        )
+        self.polling_reason = ""
+        self.stream_retry_at = 0.0
+        self.refused_connects = 0
+        self.reconcile_misses = 0
+        self.empty_events = 0
+        self.opened = False
+        self.last_reconcile = 0.0
+
+    def run(self) -> None:
+        bot = self.bot
+        while not bot.stop_event.is_set():
+            try:
+                if bot.wait_while_paused():
+                    return
+                bot.catch_up(self.tag, "catch-up")
+                if self.polling_reason:
+                    self.poll()
+                    continue
+                self.stream()
+            except Paused:
+                continue
+            except Unreachable as err:
+                self.wait_after_failure(str(err))
+            except FatalError as err:
+                bot.fatal(str(err))
+                return
+            except Exception as err:  # noqa: BLE001 - the watcher must survive
+                log.error(
+                    "#%s: unexpected error: %r",
+                    self.tag,
+                    err,
+                    exc_info=log.isEnabledFor(logging.DEBUG),
+                )
+                self.wait_after_failure(repr(err))
+
+    def wait_after_failure(self, reason: str) -> None:
+        delay = self.backoff.next_delay()
+        log.warning("#%s: %s; trying again in %.0f s", self.tag, reason, delay)
+        self.bot.sleep(delay)
+
+    def poll(self) -> None:
+        """Wait POLL_SECONDS between catch-ups; try the stream again later."""
+        if self.bot.clock() >= self.stream_retry_at:
+            log.info("#%s: trying the stream again", self.tag)
+            self.polling_reason = ""
+            self.client = None  # read the instance's feed settings anew
+            return
+        self.bot.sleep(self.bot.settings.POLL_SECONDS)
+
+    def start_polling(self, reason: str) -> None:
+        if not self.polling_reason:
+            log.warning(
+                "#%s: %s; polling the timeline every %.0f s instead and trying "
+                "the stream again in %.0f minutes",
+                self.tag,
+                reason,
+                self.bot.settings.POLL_SECONDS,
+                STREAM_RETRY_SECONDS / 60,
+            )
+        self.polling_reason = reason
+        self.stream_retry_at = self.bot.clock() + STREAM_RETRY_SECONDS
+        self.refused_connects = self.reconcile_misses = self.empty_events = 0
+
+    def stream(self) -> None:
+        """Run one connection of the stream, and decide what its end means."""
+        bot = self.bot
+        if self.client is None:
+            self.client = bot.make_client()
+            if not self.client.timeline_is_available(
+                "hashtag", local=bot.settings.LOCAL_ONLY, with_auth=True
+            ):
+                # Mastodon 4.5+ reports this in /api/v2/instance; the stream
+                # of a disabled feed then sends nothing or only empty events.
+                self.start_polling("the instance has turned hashtag feeds off")
+                return
+        self.opened = False
+        self.empty_events = 0
+        reason = ""
+        started = time.monotonic()
+        try:
+            self.client.stream_hashtag(
+                quote(self.tag, safe=""),
+                HashtagListener(self),
+                local=bot.settings.LOCAL_ONLY,
+                timeout=bot.settings.STREAM_TIMEOUT_SECONDS,
+            )
+            reason = "the server closed the stream"
+        except StreamRestart as err:
+            if bot.stop_event.is_set():
+                return
+            log.info("#%s: stream closed: %s", self.tag, err)
+            if str(err).startswith("reconcile"):
+                return
+        except (Paused, Unreachable, FatalError):
+            raise
+        except MastodonIllegalArgumentError as err:
+            raise FatalError(f"invalid hashtag #{self.tag}: {err}") from err
+        except (MastodonError, requests.RequestException) as err:
+            reason = describe_stream_error(err)
+        if bot.stop_event.is_set():
+            return
+        if self.opened:
+            self.refused_connects = 0
+            if time.monotonic() - started >= HEALTHY_CONNECTION_SECONDS:
+                self.backoff.reset()
+        elif reason and re.search(r"Unauthorized|Forbidden|Not Found", reason):
+            self.refused_connects += 1
+            if self.refused_connects >= REFUSED_CONNECTS_BEFORE_POLLING:
+                self.start_polling(
+                    f"the streaming server refused {self.refused_connects} connects "
+                    f"in a row ({reason}) while the REST API works"
+                )
+                return
+        if reason:
+            delay = self.backoff.next_delay()
+            log.warning(
+                "#%s: stream disconnected (%s); reconnecting in %.1f s",
+                self.tag,
+                reason,
+                delay,
+            )
+            bot.sleep(delay)
+
+    # Called from the listener, in this watcher's thread.
+
+    def on_heartbeat(self) -> None:
+        bot = self.bot
+        if bot.stop_event.is_set():
+            raise StreamRestart("stopping")
+        if bot.state.pause_until > bot.clock():
+            raise StreamRestart("actions are paused")
+        if not self.opened:
+            self.on_open()
+        elif bot.clock() - self.last_reconcile >= bot.settings.RECONCILE_SECONDS:
+            self.last_reconcile = bot.clock()
+            self.reconcile()
+
+    def on_open(self) -> None:
+        """Catch up once more now that the stream is open.
+
+        A post published while the stream was opening is on the timeline only.
+        This runs before the first streamed post is handled, because handling
+        it moves the position past any such post.
+        """
+        self.opened = True
+        self.last_reconcile = self.bot.clock()
+        log.info("#%s: stream connected", self.tag)
+        self.guarded(lambda: self.bot.catch_up(self.tag, "catch-up"))
+
+    def reconcile(self) -> None:
+        """Handle what the timeline has and the stream did not deliver."""
+        grace = min(RECONCILE_GRACE_SECONDS, self.bot.settings.RECONCILE_SECONDS / 2)
+        missed = self.guarded(
+            lambda: self.bot.catch_up(self.tag, "reconciliation", grace_seconds=grace)
+        )
+        if not missed:
+            self.reconcile_misses = 0
+            return
+        self.reconcile_misses += 1
+        log.warning(
+            "#%s: the stream missed %d posts that the timeline has; handled them",
+            self.tag,
+            missed,
+        )
+        if self.reconcile_misses >= RECONCILE_MISSES_BEFORE_POLLING:
+            self.start_polling(
+                f"the stream missed posts {self.reconcile_misses} times in a row"
+            )
+            raise StreamRestart("reconcile: switching to polling")
+
+    def on_post(self, status: Any, edited: bool) -> None:
+        bot = self.bot
+        if bot.stop_event.is_set():
+            raise StreamRestart("stopping")
+        if not isinstance(status, dict) or not status.get("id"):
+            self.on_malformed({"data": status}, ValueError("empty event"))
+            return
+        self.empty_events = 0
+        if not self.opened:
+            self.on_open()
+        source = "edit" if edited else "stream"
+        self.guarded(lambda: bot.handle_post(status, self.tag, source))
+
+    def on_malformed(self, event: Any, err: Exception) -> None:
+        self.empty_events += 1
+        log.warning("#%s: ignored a malformed stream event (%s)", self.tag, err)
+        log.debug("#%s: the malformed event was %.300r", self.tag, event)
+        if self.empty_events >= EMPTY_EVENTS_BEFORE_POLLING:
+            self.start_polling("the stream sends only empty or malformed events")
+            raise StreamRestart("switching to polling")
+
+    def guarded(self, work: Callable[[], Any]) -> Any:
+        """Run handler work; turn pauses into a stream restart, survive bugs."""
+        try:
+            return work()
+        except Paused as err:
+            raise StreamRestart("actions are paused") from err
+        except Unreachable as err:
+            raise StreamRestart(str(err)) from err
+        except FatalError as err:
+            self.bot.fatal(str(err))
+            raise StreamRestart("stopping") from err
+        except Exception as err:  # noqa: BLE001 - a handler must never kill the bot
+            log.error(
+                "#%s: error while handling a post: %r",
+                self.tag,
+                err,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+            return 0
+
+
+# --- Small formatting helpers ------------------------------------------------
+
+
+def past_tense(action: str) -> str:
+    return {"boost": "boosted", "favourite": "favourited", "bookmark": "bookmarked",
+            "reply": "replied to"}[action]  # fmt: skip
+
+
+def format_time(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def error_status(err: Exception) -> Any:
+    """Return the HTTP status of a Mastodon.py API error, if it has one."""
+    return err.args[1] if len(err.args) > 1 else "?"
+
+
+def error_text(err: Exception) -> str:
+    """Return the server's error message of a Mastodon.py API error."""
+    if len(err.args) > 3 and err.args[3]:
+        return str(err.args[3])
+    return str(err.args[-1]) if err.args else type(err).__name__
+
+
+def describe_stream_error(err: Exception) -> str:
+    """Return a short reason for a stream failure, for the log."""
+    if isinstance(err, requests.ConnectionError):
+        return "connection failed"
+    if isinstance(err, requests.Timeout):
+        return "no answer from the streaming server"
+    text = str(err.args[0]) if err.args else type(err).__name__
+    if "Timed out" in text:
+        return "no data, not even a heartbeat, within STREAM_TIMEOUT_SECONDS"
+    return text
+
+
+def needed_scopes(actions: list[str]) -> list[str]:
+    return list(READ_SCOPES) + sorted({ACTION_SCOPES[a] for a in actions})
+
+
+def missing_scopes(granted: list[str], needed: list[str]) -> list[str]:
+    """Return the needed scopes the granted ones do not cover."""
+    have = set(granted)
+    return [
+        scope
+        for scope in needed
+        if scope not in have and scope.split(":")[0] not in have
+    ]
+
+
+# --- Command line ------------------------------------------------------------
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="hashtag_bot.py",
+        description="Boost (or favourite, bookmark, reply to) Mastodon posts "
+        "with the hashtags in HASHTAGS, in real time.",
+        epilog="Settings live in config.py (see config.example.py) and can be "
+        "overridden by environment variables of the same name. Exit status: 0 "
+        "after Ctrl+C or SIGTERM, 1 on a fatal error, 2 on a usage or "
+        "configuration error.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        help=f"settings file to read (default: {DEFAULT_CONFIG_PATH.name} beside "
+        "the script)",
+    )
+    parser.add_argument(
+        "--env-file",
+        type=Path,
+        metavar="PATH",
+        help="file with MASTODON_API_BASE_URL and MASTODON_ACCESS_TOKEN "
+        f"(default: {DEFAULT_ENV_PATH.name} beside the script)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="log what would be done and change nothing (sets DRY_RUN)",
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="catch up from the saved position, act, save and exit (for cron)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also log the decision on every post (debug level)",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    redactor = configure_logging(args.verbose)
+    environ = dict(os.environ)
+    try:
+        overrides = {"DRY_RUN": True} if args.dry_run else {}
+        settings = load_settings(args.config, environ, overrides)
+        credentials = load_credentials(args.env_file, environ)
+    except ConfigError as err:
+        print(f"hashtag_bot: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    redactor.secret = credentials.token
+    # The bot checks hashtag feed availability itself and says what it does.
+    warnings.filterwarnings("ignore", category=MastodonWarning)
+
+    bot = HashtagBot(settings, credentials)
+
+    def request_stop(signum, frame):
+        if bot.stop_event.is_set():
+            return
+        log.info("stopping (%s)", signal.Signals(signum).name)
+        bot.stop()
+        if threading.current_thread() is threading.main_thread():
+            raise StopRequested()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        return bot.run(once=args.once)
+    except StopRequested:
+        return bot.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
