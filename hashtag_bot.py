@@ -704,9 +704,15 @@ def skip_reason(status: Any, settings: Settings, me: dict[str, Any]) -> str:
     elif not language and settings.SKIP_UNKNOWN_LANGUAGE:
         return "no language (SKIP_UNKNOWN_LANGUAGE)"
     for result in field(status, "filtered", []) or []:
-        action = field(field(result, "filter", {}), "filter_action", "")
+        # Mastodon 4.x annotates a status with every matching filter of the
+        # account; a client applies those whose context covers its timeline, and
+        # hashtag timelines are "public".
+        owner_filter = field(result, "filter", {})
+        if "public" not in field(owner_filter, "context", ["public"]):
+            continue
+        action = field(owner_filter, "filter_action", "")
         if action == "hide" or (action == "warn" and settings.SKIP_FILTER_WARN):
-            title = field(field(result, "filter", {}), "title", "")
+            title = field(owner_filter, "title", "")
             return f"hidden by the owner's filter ({action}: {title!r})"
     return ""
 
@@ -1051,7 +1057,7 @@ class HashtagBot:
             except MastodonNotFoundError as err:
                 raise SkipPost(f"not found (404): {error_text(err)}") from err
             except MastodonServerError as err:
-                failure = f"server error {error_status(err)}: {error_text(err)}"
+                failure = describe_error(err)
                 unreachable = False
             except MastodonAPIError as err:
                 status, text = error_status(err), error_text(err)
@@ -1063,7 +1069,7 @@ class HashtagBot:
                     ) from err
                 raise SkipPost(f"rejected ({status}): {text}") from err
             except (MastodonNetworkError, requests.RequestException) as err:
-                failure = f"network error: {err}"
+                failure = f"network error: {describe_error(err)}"
                 unreachable = True
             else:
                 self.ratelimit_backoff.reset()
@@ -1212,7 +1218,11 @@ class HashtagBot:
             domains = self.api.fetch_remaining(self.api.domain_blocks(limit=200))
             blocked_domains.update(str(d).lower() for d in domains)
         except (MastodonError, requests.RequestException) as err:
-            log.warning("could not read the bot account's blocks and mutes: %s", err)
+            log.warning(
+                "could not read the bot account's blocks and mutes (%s); trying "
+                "again in an hour",
+                describe_error(err),
+            )
             return
         finally:
             self.blocklists_read_at = self.clock()
@@ -1810,6 +1820,316 @@ class TagWatcher:
             return 0
 
 
+# --- Guided setup ------------------------------------------------------------
+
+OOB_REDIRECT = "urn:ietf:wg:oauth:2.0:oob"
+SETUP_ATTEMPTS = 3
+
+
+class SetupAborted(Exception):
+    """The user gave up the guided setup (three failed tries, or Ctrl+D)."""
+
+
+def ask(prompt: str) -> str:
+    """Read one line from the user; Ctrl+D ends the setup."""
+    try:
+        return input(prompt).strip()
+    except EOFError as err:
+        raise SetupAborted("no answer") from err
+
+
+def guided_setup(
+    env_path: Path, config_path: Path, instance: str, actions: list[str]
+) -> Credentials:
+    """Register an application, get a token, write .env (and config.py).
+
+    Asks for the instance URL unless ``instance`` is given, prints the
+    authorisation URL, reads the code the user pastes, and asks for the hashtags
+    when there is no config.py yet. Only the instance URL reaches the log.
+    """
+    print("Set up hashtag_bot: this connects it to your Mastodon account.")
+    scopes = needed_scopes(actions)
+    for attempt in range(1, SETUP_ATTEMPTS + 1):
+        raw = instance or ask("Your instance (for example https://mastodon.social): ")
+        instance = ""
+        try:
+            base_url = check_base_url(raw)
+            client_id, client_secret = Mastodon.create_app(
+                "hashtag_bot",
+                scopes=scopes,
+                redirect_uris=OOB_REDIRECT,
+                api_base_url=base_url,
+                request_timeout=REQUEST_TIMEOUT_SECONDS,
+                user_agent=USER_AGENT,
+            )
+            break
+        except ConfigError as err:
+            print(f"{err}. Try again.")
+        except (MastodonError, requests.RequestException) as err:
+            print(f"could not register the bot on {raw}: {err}. Check the address.")
+        if attempt == SETUP_ATTEMPTS:
+            raise SetupAborted("no instance could be reached")
+    log.info("registered the application on %s", base_url)
+
+    allow_http = base_url.startswith("http://")
+    client = Mastodon(
+        client_id=client_id,
+        client_secret=client_secret,
+        api_base_url=base_url,
+        request_timeout=REQUEST_TIMEOUT_SECONDS,
+        user_agent=USER_AGENT,
+    )
+    url = client.auth_request_url(
+        redirect_uris=OOB_REDIRECT, scopes=scopes, allow_http=allow_http
+    )
+    print("\nOpen this address in a browser, logged in as the bot's account,")
+    print("and allow access:\n")
+    print(f"    {url}\n")
+    for attempt in range(1, SETUP_ATTEMPTS + 1):
+        code = ask("Then paste the authorization code here: ")
+        try:
+            token = client.log_in(
+                code=code,
+                redirect_uri=OOB_REDIRECT,
+                scopes=scopes,
+                allow_http=allow_http,
+            )
+            break
+        except (MastodonError, requests.RequestException):
+            print("That code was not accepted. Copy it again, without spaces.")
+        if attempt == SETUP_ATTEMPTS:
+            raise SetupAborted("no valid authorization code")
+
+    write_private_file(
+        env_path,
+        f"MASTODON_API_BASE_URL={base_url}\nMASTODON_ACCESS_TOKEN={token}\n",
+    )
+    print(f"Saved the token in {env_path} (readable by you only).")
+    if not config_path.exists():
+        write_config_from_example(config_path)
+    return Credentials(base_url, token)
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by the owner only."""
+    fd, temporary = tempfile.mkstemp(prefix=path.name + ".", dir=str(path.parent))
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def write_config_from_example(config_path: Path) -> None:
+    """Ask for the hashtags and write config.py from config.example.py."""
+    example = SCRIPT_DIR / "config.example.py"
+    while True:
+        answer = ask("Hashtags to watch, separated by commas (for example python): ")
+        tags = [normalize_tag(t) for t in answer.split(",") if t.strip()]
+        if tags and all(is_valid_tag(t) for t in tags):
+            break
+        print("Give at least one hashtag of letters, digits and _.")
+    text = example.read_text(encoding="utf-8")
+    text, count = re.subn(
+        r"^HASHTAGS = .*$", f"HASHTAGS = {json.dumps(tags)}", text, flags=re.M
+    )
+    if not count:
+        text += f"\nHASHTAGS = {json.dumps(tags)}\n"
+    config_path.write_text(text, encoding="utf-8")
+    print(f"Saved the settings in {config_path}; edit it to change what the bot does.")
+
+
+# --- Checks ------------------------------------------------------------------
+
+
+class Checker:
+    """Runs ``--check``: one line per check, PASS, WARN or FAIL with the fix."""
+
+    def __init__(self, out=None):
+        self.out = out or sys.stdout
+        self.failed = 0
+
+    def report(self, outcome: str, name: str, detail: str) -> None:
+        if outcome == "FAIL":
+            self.failed += 1
+        print(f"{outcome} {name}: {detail}", file=self.out, flush=True)
+
+    def run(self, config_path: Optional[Path], env_path: Optional[Path]) -> int:
+        """Check everything the bot needs; return 0 if it can run, else 1."""
+        environ = dict(os.environ)
+        try:
+            settings = load_settings(config_path, environ)
+            self.report(
+                "PASS",
+                "config",
+                "watching "
+                + ", ".join("#" + t for t in settings.HASHTAGS)
+                + "; actions: "
+                + ", ".join(settings.ACTIONS),
+            )
+        except ConfigError as err:
+            self.report("FAIL", "config", str(err))
+            return 1
+        try:
+            credentials = load_credentials(env_path, environ)
+            self.report("PASS", "credentials", credentials.base_url)
+        except ConfigError as err:
+            self.report("FAIL", "credentials", str(err))
+            return 1
+        bot = HashtagBot(settings, credentials)
+        api = bot.api
+        if not self.check_instance(api, credentials.base_url):
+            return 1
+        account = self.check_token(api, credentials.base_url)
+        if account is None:
+            return 1
+        self.check_scopes(api, settings)
+        self.check_stream(bot, settings)
+        self.check_account(bot, account, settings)
+        self.check_state_file(settings.STATE_FILE)
+        return 1 if self.failed else 0
+
+    def check_instance(self, api: Mastodon, base_url: str) -> bool:
+        try:
+            instance = api.instance()
+        except (MastodonError, requests.RequestException) as err:
+            self.report(
+                "FAIL", "instance",
+                f"cannot reach {base_url} ({describe_error(err)}); check "
+                "MASTODON_API_BASE_URL "
+                "and the network",
+            )  # fmt: skip
+            return False
+        version = field(instance, "version", "unknown version")
+        self.report("PASS", "instance", f"{base_url} answers, Mastodon {version}")
+        return True
+
+    def check_token(self, api: Mastodon, base_url: str) -> Any:
+        try:
+            account = api.account_verify_credentials()
+        except MastodonUnauthorizedError:
+            self.report(
+                "FAIL", "token",
+                f"{base_url} rejected MASTODON_ACCESS_TOKEN (401); create a new "
+                "token (README, 'Get a token') or run --login",
+            )  # fmt: skip
+            return None
+        except (MastodonError, requests.RequestException) as err:
+            self.report(
+                "FAIL", "token", f"could not verify the token ({describe_error(err)})"
+            )
+            return None
+        self.report("PASS", "token", f"accepted, logged in as @{account['acct']}")
+        return account
+
+    def check_scopes(self, api: Mastodon, settings: Settings) -> None:
+        needed = needed_scopes(settings.ACTIONS)
+        try:
+            scopes = field(api.app_verify_credentials(), "scopes", None)
+        except (MastodonError, requests.RequestException) as err:
+            self.report(
+                "WARN",
+                "scopes",
+                f"could not read the token's scopes ({describe_error(err)})",
+            )
+            return
+        if not isinstance(scopes, list):
+            self.report("WARN", "scopes", "the instance does not list the scopes")
+            return
+        missing = missing_scopes(scopes, needed)
+        if missing:
+            self.report(
+                "FAIL", "scopes",
+                f"the token lacks {' '.join(missing)} for ACTIONS "
+                f"{', '.join(settings.ACTIONS)}; create a token with "
+                f"{' '.join(needed)} or run --login",
+            )  # fmt: skip
+        else:
+            self.report("PASS", "scopes", " ".join(scopes))
+
+    def check_stream(self, bot: HashtagBot, settings: Settings) -> None:
+        tag = settings.HASHTAGS[0]
+        client = bot.make_client()
+        try:
+            instance = client.instance()
+            streaming_url = field(field(instance, "urls", {}), "streaming_api", "")
+            if not client.timeline_is_available(
+                "hashtag", local=settings.LOCAL_ONLY, with_auth=True
+            ):
+                self.report(
+                    "WARN", "hashtag feeds",
+                    "the instance has turned hashtag feeds off for this account; "
+                    "the bot will poll the timeline every POLL_SECONDS instead",
+                )  # fmt: skip
+            client.stream_hashtag(
+                quote(tag, safe=""),
+                ProbeListener(),
+                local=settings.LOCAL_ONLY,
+                timeout=min(settings.STREAM_TIMEOUT_SECONDS, 20.0),
+            )
+            self.report("FAIL", "stream", "the server closed the stream at once")
+        except StreamRestart:
+            self.report(
+                "PASS", "stream",
+                f"connected to #{tag} at {streaming_url or bot.credentials.base_url}",
+            )  # fmt: skip
+        except (MastodonError, requests.RequestException) as err:
+            self.report(
+                "FAIL", "stream",
+                f"could not open the #{tag} stream ({describe_stream_error(err)}); "
+                "the bot would poll the timeline instead",
+            )  # fmt: skip
+
+    def check_account(self, bot: HashtagBot, account: Any, settings: Settings) -> None:
+        if field(account, "bot", False):
+            self.report("PASS", "bot flag", "the account is marked as a bot")
+        else:
+            self.report(
+                "WARN", "bot flag",
+                "tick Preferences > Profile > 'This is an automated account'",
+            )  # fmt: skip
+        opt_out = set(settings.OPT_OUT_TAGS)
+        if opt_out and not opt_out.intersection(account_opt_out_tags(account)):
+            self.report(
+                "WARN", "opt-out hint",
+                f"say in the bio that #{settings.OPT_OUT_TAGS[0]} keeps the bot "
+                "away (Preferences > Profile > Bio)",
+            )  # fmt: skip
+        else:
+            self.report("PASS", "opt-out hint", "the bio names an opt-out tag")
+
+    def check_state_file(self, path: Path) -> None:
+        try:
+            if path.exists():
+                json.loads(path.read_text(encoding="utf-8"))
+            with tempfile.NamedTemporaryFile(dir=str(path.parent)):
+                pass
+        except (OSError, ValueError) as err:
+            self.report(
+                "FAIL", "state file",
+                f"{path} is not readable and writable ({err}); fix its directory "
+                "or set STATE_FILE",
+            )  # fmt: skip
+            return
+        self.report("PASS", "state file", f"{path} is readable and writable")
+
+
+class ProbeListener(StreamListener):
+    """Ends the ``--check`` test connection at the first byte from the server."""
+
+    def handle_heartbeat(self):
+        raise StreamRestart("connected")
+
+    def on_any_event(self, name, data=None):
+        raise StreamRestart("connected")
+
+
 # --- Small formatting helpers ------------------------------------------------
 
 
@@ -1832,6 +2152,14 @@ def error_text(err: Exception) -> str:
     if len(err.args) > 3 and err.args[3]:
         return str(err.args[3])
     return str(err.args[-1]) if err.args else type(err).__name__
+
+
+def describe_error(err: Exception) -> str:
+    """Return a Mastodon.py or requests error as one short phrase."""
+    if isinstance(err, MastodonAPIError) and len(err.args) >= 3:
+        text = f" {err.args[3]}" if len(err.args) > 3 and err.args[3] else ""
+        return f"HTTP {err.args[1]} {err.args[2]}:{text}".rstrip(":")
+    return str(err) or type(err).__name__
 
 
 def describe_stream_error(err: Exception) -> str:
@@ -1898,6 +2226,18 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         help="catch up from the saved position, act, save and exit (for cron)",
     )
     parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the settings, the instance, the token, its scopes and the "
+        "stream, one line each, and exit (0 if the bot can run)",
+    )
+    parser.add_argument(
+        "--login",
+        metavar="URL",
+        help="register the bot on the instance at URL, get a token through your "
+        "browser, and save it in the env file",
+    )
+    parser.add_argument(
         "-v",
         "--verbose",
         action="store_true",
@@ -1912,17 +2252,25 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     redactor = configure_logging(args.verbose)
+    # The bot checks hashtag feed availability itself and says what it does.
+    warnings.filterwarnings("ignore", category=MastodonWarning)
+    if args.check:
+        return Checker().run(args.config, args.env_file)
     environ = dict(os.environ)
     try:
         overrides = {"DRY_RUN": True} if args.dry_run else {}
+        credentials = obtain_credentials(args, environ)
         settings = load_settings(args.config, environ, overrides)
-        credentials = load_credentials(args.env_file, environ)
     except ConfigError as err:
         print(f"hashtag_bot: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except SetupAborted as err:
+        print(f"hashtag_bot: setup stopped ({err}); run it again", file=sys.stderr)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        print("\nhashtag_bot: setup stopped", file=sys.stderr)
+        return EXIT_OK
     redactor.secret = credentials.token
-    # The bot checks hashtag feed availability itself and says what it does.
-    warnings.filterwarnings("ignore", category=MastodonWarning)
 
     bot = HashtagBot(settings, credentials)
 
@@ -1940,6 +2288,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         return bot.run(once=args.once)
     except StopRequested:
         return bot.shutdown()
+
+
+def obtain_credentials(args: argparse.Namespace, environ: dict) -> Credentials:
+    """Load the credentials, or run the guided setup to create them.
+
+    The setup runs for ``--login``, or when no credentials exist anywhere and
+    a person is at the terminal; under systemd or cron it never asks.
+    """
+    env_path = args.env_file or DEFAULT_ENV_PATH
+    config_path = args.config or DEFAULT_CONFIG_PATH
+    have_credentials = env_path.exists() or (
+        environ.get("MASTODON_API_BASE_URL") and environ.get("MASTODON_ACCESS_TOKEN")
+    )
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if args.login or (not have_credentials and interactive):
+        try:
+            actions = load_settings(args.config, environ).ACTIONS
+        except ConfigError:
+            actions = list(SETTINGS_SPEC["ACTIONS"][1])
+        return guided_setup(env_path, config_path, args.login or "", actions)
+    return load_credentials(args.env_file, environ)
 
 
 if __name__ == "__main__":
