@@ -132,6 +132,8 @@ HANDLED_IDS_MAX = 5000
 DELETED_IDS_MAX = 1000
 # On Ctrl+C or SIGTERM, how long the bot lets an action in flight finish.
 STOP_GRACE_SECONDS = 3.0
+# Authors past the cooldown are forgotten at most this often.
+PRUNE_INTERVAL_SECONDS = 60.0
 # Identical warnings within this window are counted instead of printed.
 REPEAT_WINDOW_SECONDS = 60.0
 
@@ -978,11 +980,13 @@ class HashtagBot:
         self.skip_reasons: Counter = Counter()
         self.summary_since = clock()
         self.fatal_message = ""
-        self.last_ratelimit_headers: dict[str, str] = {}
+        # The headers of the last 429 seen by this thread's client.
+        self.ratelimit_headers = threading.local()
         self.ratelimit_backoff = Backoff(
             RATELIMIT_BACKOFF_INITIAL_SECONDS, RATELIMIT_BACKOFF_MAX_SECONDS, False
         )
         self.blocklists_read_at = 0.0
+        self.pruned_at = 0.0
         self.watchers: list[TagWatcher] = []
 
     # Clients and calls -------------------------------------------------------
@@ -1020,7 +1024,7 @@ class HashtagBot:
             log.warning("ignored an unreadable Date header %r", date)
             del headers["Date"]
         if response.status_code == 429:
-            self.last_ratelimit_headers = {
+            self.ratelimit_headers.last = {
                 "reset": headers.get("X-RateLimit-Reset", ""),
                 "date": headers.get("Date", ""),
             }
@@ -1100,7 +1104,8 @@ class HashtagBot:
     def start_ratelimit_pause(self, description: str, err: Exception) -> None:
         """Pause all actions until the server's reset time, or back off."""
         now = self.clock()
-        headers, self.last_ratelimit_headers = self.last_ratelimit_headers, {}
+        headers = getattr(self.ratelimit_headers, "last", {})
+        self.ratelimit_headers.last = {}
         reset = parse_ratelimit_reset(headers.get("reset", ""))
         server_now = parse_http_date(headers.get("date", "")) if reset else None
         if reset is not None:
@@ -1289,9 +1294,14 @@ class HashtagBot:
             outcome = self.act(status, tag, url)
             if outcome == "acted":
                 self.stats["acted"] += 1
+                now = self.clock()
                 self.state.remember_action(
-                    status_id, str(field(account, "id", "")), self.clock()
+                    status_id, str(field(account, "id", "")), now
                 )
+                if now - self.pruned_at >= PRUNE_INTERVAL_SECONDS:
+                    # Keeps memory flat over months, dry runs included.
+                    self.state.prune(now, self.settings.USER_COOLDOWN_SECONDS)
+                    self.pruned_at = now
             elif outcome == "failed":
                 self.stats["failed"] += 1
             else:
@@ -1437,6 +1447,7 @@ class HashtagBot:
             return 0
         handled = 0
         skipped = 0
+        counted = ""
         while True:
             with self.lock:
                 cursor = self.state.positions.get(tag) or "0"
@@ -1467,14 +1478,16 @@ class HashtagBot:
                 if len(page or []) < TIMELINE_PAGE_SIZE or not statuses:
                     break
                 if skipped >= SKIP_COUNT_MAX_PAGES * TIMELINE_PAGE_SIZE:
-                    skipped = self.skip_to_newest(tag, skipped)
+                    self.skip_to_newest(tag)
+                    counted = "at least "
                     break
         if skipped:
             log.warning(
-                "#%s: catch-up stopped after CATCH_UP_MAX=%d posts and skipped %d "
-                "newer ones",
+                "#%s: catch-up stopped after CATCH_UP_MAX=%d posts and skipped "
+                "%s%d newer ones",
                 tag,
                 self.settings.CATCH_UP_MAX,
+                counted,
                 skipped,
             )
         return handled
@@ -1489,8 +1502,8 @@ class HashtagBot:
             kept.append(status)
         return kept
 
-    def skip_to_newest(self, tag: str, skipped: int) -> int:
-        """Move the position to the newest post of the tag; count at least."""
+    def skip_to_newest(self, tag: str) -> None:
+        """Move the position to the newest post of the tag."""
         page = self.call(
             f"read the #{tag} timeline",
             self.api.timeline_hashtag,
@@ -1500,7 +1513,6 @@ class HashtagBot:
         )
         if page:
             self.advance(tag, str(field(page[0], "id")))
-        return skipped
 
     # Running ------------------------------------------------------------------------
 
@@ -1790,6 +1802,10 @@ class TagWatcher:
             self.on_open()
         source = "edit" if edited else "stream"
         self.guarded(lambda: bot.handle_post(status, self.tag, source))
+        # Heartbeats start reconciliations; a busy stream starts them too.
+        if bot.clock() - self.last_reconcile >= bot.settings.RECONCILE_SECONDS:
+            self.last_reconcile = bot.clock()
+            self.reconcile()
 
     def on_malformed(self, event: Any, err: Exception) -> None:
         self.empty_events += 1
