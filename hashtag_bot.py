@@ -2,10 +2,10 @@
 """Boost (or favourite, bookmark, reply to) Mastodon posts that carry a hashtag.
 
 The bot listens to each hashtag in ``HASHTAGS`` through the streaming API and
-acts on every public post that passes its rules: never its own posts, boosts,
-private posts, authors who opted out with a tag such as ``#nobot`` in their
-bio, bots, posts hidden by the owner's keyword filters, and more (see
-``config.example.py``). Between actions it waits ``ACTION_DELAY_SECONDS``, and
+acts on every public post that passes its rules (see ``config.example.py``).
+It never acts on its own posts, boosts, private posts, bots, or authors who
+opted out with a tag such as ``#nobot`` in their bio, nor on posts that the
+owner's keyword filters hide. Between actions it waits ``ACTION_DELAY_SECONDS``, and
 it leaves each author alone for ``USER_COOLDOWN_SECONDS`` after acting on them.
 
 Run it with ``python hashtag_bot.py``; stop it with Ctrl+C or SIGTERM. The
@@ -82,8 +82,8 @@ EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_USAGE = 2
 
-# Mastodon.py waits 300 s for a REST answer by default; a bot that must stop
-# within 5 seconds and notice outages wants to hear much sooner.
+# Mastodon.py waits 300 s for a REST response by default, far too long for a
+# bot that must notice outages and stop within 5 seconds.
 REQUEST_TIMEOUT_SECONDS = 30.0
 
 # Reconnect backoff of a stream: about 1 s, doubling, at most 5 minutes, with
@@ -180,6 +180,7 @@ SETTINGS_SPEC: dict[str, tuple[str, Any]] = {
     "DENY_ACCOUNTS": ("list", []),
     "SKIP_FILTER_WARN": ("bool", False),
 }
+CREDENTIAL_NAMES = ("MASTODON_API_BASE_URL", "MASTODON_ACCESS_TOKEN")
 TRUE_WORDS = ("true", "yes", "1")
 FALSE_WORDS = ("false", "no", "0")
 
@@ -192,8 +193,13 @@ class FatalError(Exception):
     """A runtime failure the bot cannot carry on from (exit status 1)."""
 
 
-class StopRequested(Exception):
-    """Raised in the main thread by the Ctrl+C and SIGTERM handler."""
+class StopRequested(BaseException):
+    """Raised in the main thread by the Ctrl+C and SIGTERM handler.
+
+    A BaseException, like KeyboardInterrupt: the handler raises it wherever the
+    main thread is, and ``except Exception`` blocks there (logging's emit,
+    Thread.start) would swallow it or leave their state broken.
+    """
 
 
 class Paused(Exception):
@@ -201,7 +207,7 @@ class Paused(Exception):
 
 
 class Unreachable(Exception):
-    """The instance did not answer after retries; resume from the position."""
+    """The instance was unreachable after retries; resume from the position."""
 
 
 class SkipPost(Exception):
@@ -431,16 +437,18 @@ def parse_deny_entry(entry: str) -> str:
 def load_credentials(env_path: Optional[Path], environ: dict[str, str]) -> Credentials:
     """Read the instance URL and token from the environment, then ``.env``."""
     path = Path(env_path) if env_path is not None else DEFAULT_ENV_PATH
-    if env_path is not None and not path.exists():
-        raise ConfigError(f"env file not found: {path}; check the --env-file path")
+    in_environment = all(environ.get(name) for name in CREDENTIAL_NAMES)
+    if env_path is not None and not path.exists() and not in_environment:
+        raise ConfigError(
+            f"env file not found: {path}; check the --env-file path, or run "
+            f"python hashtag_bot.py --env-file {path} --login https://your.instance "
+            "to create it"
+        )
     file_values = {k: v for k, v in dotenv_values(path).items() if v is not None}
     merged = {**file_values, **{k: v for k, v in environ.items() if v}}
     base_url = merged.get("MASTODON_API_BASE_URL", "").strip()
     token = merged.get("MASTODON_ACCESS_TOKEN", "").strip()
-    for name, value in (
-        ("MASTODON_API_BASE_URL", base_url),
-        ("MASTODON_ACCESS_TOKEN", token),
-    ):
+    for name, value in zip(CREDENTIAL_NAMES, (base_url, token)):
         if not value:
             raise ConfigError(
                 f"missing {name}: set it in {path} or in the environment "
@@ -707,8 +715,8 @@ def skip_reason(status: Any, settings: Settings, me: dict[str, Any]) -> str:
         return "no language (SKIP_UNKNOWN_LANGUAGE)"
     for result in field(status, "filtered", []) or []:
         # Mastodon 4.x annotates a status with every matching filter of the
-        # account; a client applies those whose context covers its timeline, and
-        # hashtag timelines are "public".
+        # account. A client applies those whose context covers its timeline,
+        # which is "public" for hashtag timelines.
         owner_filter = field(result, "filter", {})
         if "public" not in field(owner_filter, "context", ["public"]):
             continue
@@ -723,7 +731,7 @@ def reply_skip_reason(status: Any, me: dict[str, Any]) -> str:
     """Return why the bot must not reply to this post, or "".
 
     Replies start reply loops: never to a bot, to a post that mentions the bot
-    account, or to a post that answers the bot.
+    account, or to a post that replies to the bot.
     """
     if field(field(status, "account", {}), "bot", False):
         return "author is a bot"
@@ -746,10 +754,11 @@ def reply_text(settings: Settings, acct: str, tag: str) -> str:
 class State:
     """The saved position: what survives a restart, written atomically.
 
-    ``positions`` maps each tag to the id of the newest post fully handled ("" for
-    a timeline that was empty); ``acted`` keeps the ids acted on recently,
-    ``authors`` each author's last action time (Unix seconds), ``action_times``
-    the actions of the last hour and ``pause_until`` a rate-limit deadline.
+    ``positions`` maps each tag to the id of the newest post fully handled, or
+    "" for a timeline that was empty. ``acted`` keeps the ids acted on
+    recently and ``authors`` each author's last action time (Unix seconds).
+    ``action_times`` lists the actions of the last hour, and ``pause_until`` is
+    the deadline of a rate-limit or hourly-limit pause.
     """
 
     def __init__(self, path: Path):
@@ -1039,10 +1048,12 @@ class HashtagBot:
     def call(self, description: str, method: Callable, *args, **kwargs) -> Any:
         """Call the API, mapping every failure class to what the bot does.
 
-        401 and a 403 about scopes stop the bot (FatalError); 404, other 403s
-        and 422 raise SkipPost; 429 pauses all actions (Paused); 5xx (503 from
-        two racing requests included) and network errors are retried with
-        backoff, then raise SkipPost for a 5xx or Unreachable for the network.
+        A 401, and a 403 about scopes, stop the bot (FatalError). A 404, any
+        other 403 and a 422 raise SkipPost. A 429 pauses all actions (Paused).
+        A 5xx (such as a 503 from two racing requests) and a network error are
+        retried with backoff. After the last try a 5xx raises SkipPost. A
+        network error raises Unreachable instead, so the post is caught up
+        later and not dropped.
         """
         backoff = Backoff(RETRY_BACKOFF_INITIAL_SECONDS, RETRY_BACKOFF_MAX_SECONDS)
         for attempt in range(1, RETRY_ATTEMPTS + 1):
@@ -1191,8 +1202,8 @@ class HashtagBot:
     def check_scopes(self) -> None:
         """Stop now if the token's scopes cannot cover ACTIONS.
 
-        /api/v1/apps/verify_credentials names them (Mastodon 4.x); a server that
-        does not answer it is given the benefit of the doubt.
+        /api/v1/apps/verify_credentials lists them (Mastodon 4.x). When a server
+        does not serve that endpoint, the bot assumes the scopes are enough.
         """
         try:
             app = self.api.app_verify_credentials()
@@ -1280,11 +1291,13 @@ class HashtagBot:
                 self.advance(tag, status_id)
                 return False
 
-            self.stats["seen"] += 1
             reason = self.time_skip_reason(status, tag) or skip_reason(
                 status, self.settings, self.me
             )
+            # A post is counted once it is decided: act() may raise Paused, and
+            # the catch-up after the pause sees the same post again.
             if reason:
+                self.stats["seen"] += 1
                 self.stats["skipped"] += 1
                 self.skip_reasons[reason.split(" (")[0]] += 1
                 log.debug("skip %s (#%s, %s): %s", url, tag, source, reason)
@@ -1292,6 +1305,7 @@ class HashtagBot:
                 return True
 
             outcome = self.act(status, tag, url)
+            self.stats["seen"] += 1
             if outcome == "acted":
                 self.stats["acted"] += 1
                 now = self.clock()
@@ -1577,7 +1591,7 @@ class HashtagBot:
             self.log_summary(final=True)
             log.info("stopped")
         if self.fatal_message:
-            # The last line on stderr says what went wrong and how to fix it.
+            # The last line on stderr names what went wrong and how to fix it.
             log.error("%s", self.fatal_message)
             return EXIT_FATAL
         return EXIT_OK
@@ -1604,9 +1618,9 @@ class HashtagBot:
 class TagWatcher:
     """Streams one hashtag in its own thread, with its own reconnect loop.
 
-    Before each connect it catches up from the saved position; once the stream
-    is open it catches up again (a post published while connecting is not
-    lost), and every RECONCILE_SECONDS it compares the REST timeline with what
+    Before each connect it catches up from the saved position. Once the stream
+    is open it catches up again, so that a post published while connecting is
+    not lost. Every RECONCILE_SECONDS it compares the REST timeline with what
     the stream delivered. When the stream cannot be used it polls instead.
     """
 
@@ -1851,7 +1865,7 @@ def ask(prompt: str) -> str:
     try:
         return input(prompt).strip()
     except EOFError as err:
-        raise SetupAborted("no answer") from err
+        raise SetupAborted("input ended") from err
 
 
 def guided_setup(
@@ -1859,9 +1873,9 @@ def guided_setup(
 ) -> Credentials:
     """Register an application, get a token, write .env (and config.py).
 
-    Asks for the instance URL unless ``instance`` is given, prints the
-    authorisation URL, reads the code the user pastes, and asks for the hashtags
-    when there is no config.py yet. Only the instance URL reaches the log.
+    Prompts for the instance URL unless ``instance`` is given, prints the
+    authorisation URL, reads the code the user pastes, and prompts for the
+    hashtags when there is no config.py yet. Only the instance URL is logged.
     """
     print("Set up hashtag_bot: this connects it to your Mastodon account.")
     scopes = needed_scopes(actions)
@@ -2013,7 +2027,7 @@ class Checker:
 
     def check_instance(self, api: Mastodon, base_url: str) -> bool:
         try:
-            instance = api.instance()
+            instance = read_instance(api)
         except (MastodonError, requests.RequestException) as err:
             self.report(
                 "FAIL", "instance",
@@ -2073,8 +2087,13 @@ class Checker:
         tag = settings.HASHTAGS[0]
         client = bot.make_client()
         try:
-            instance = client.instance()
-            streaming_url = field(field(instance, "urls", {}), "streaming_api", "")
+            instance = read_instance(client)
+            urls = field(instance, "urls", {}) or field(
+                field(instance, "configuration", {}), "urls", {}
+            )
+            streaming_url = field(urls, "streaming_api", "") or field(
+                urls, "streaming", ""
+            )
             if not client.timeline_is_available(
                 "hashtag", local=settings.LOCAL_ONLY, with_auth=True
             ):
@@ -2190,6 +2209,18 @@ def describe_stream_error(err: Exception) -> str:
     return text
 
 
+def read_instance(api: Mastodon) -> Any:
+    """Return /api/v2/instance, or /api/v1/instance from a server before 4.0.
+
+    Mastodon.py 2.3.3's instance() recurses until RecursionError when the
+    instance cannot be reached, so the bot calls the versioned methods.
+    """
+    try:
+        return api.instance_v2()
+    except MastodonNotFoundError:
+        return api.instance_v1()
+
+
 def needed_scopes(actions: list[str]) -> list[str]:
     return list(READ_SCOPES) + sorted({ACTION_SCOPES[a] for a in actions})
 
@@ -2268,7 +2299,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     redactor = configure_logging(args.verbose)
-    # The bot checks hashtag feed availability itself and says what it does.
+    # The bot checks hashtag feed availability itself and logs what it does.
     warnings.filterwarnings("ignore", category=MastodonWarning)
     if args.check:
         return Checker().run(args.config, args.env_file)
@@ -2310,7 +2341,7 @@ def obtain_credentials(args: argparse.Namespace, environ: dict) -> Credentials:
     """Load the credentials, or run the guided setup to create them.
 
     The setup runs for ``--login``, or when no credentials exist anywhere and
-    a person is at the terminal; under systemd or cron it never asks.
+    a person is at the terminal. Under systemd or cron it never prompts.
     """
     env_path = args.env_file or DEFAULT_ENV_PATH
     config_path = args.config or DEFAULT_CONFIG_PATH

@@ -340,6 +340,10 @@ _SCOPE_RULES: list[tuple[str, re.Pattern[str], tuple[str, ...]]] = [
         ("PUT", r"^/api/v[12]/filters", ("write", "write:filters")),
         ("DELETE", r"^/api/v[12]/filters", ("write", "write:filters")),
         ("GET", r"^/api/v1/notifications", ("read", "read:notifications")),
+        # Mastodon 4.x: the blocks, mutes and domain blocks controllers.
+        ("GET", r"^/api/v1/blocks$", ("read", "read:blocks", "follow")),
+        ("GET", r"^/api/v1/mutes$", ("read", "read:mutes", "follow")),
+        ("GET", r"^/api/v1/domain_blocks$", ("read", "read:blocks", "follow")),
     ]
 ]
 
