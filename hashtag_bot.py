@@ -1178,11 +1178,10 @@ class HashtagBot:
                 f"({err or 'rate limited'}); is MASTODON_API_BASE_URL a Mastodon "
                 "instance?"
             ) from err
-        url = str(field(account, "url", "")) or self.credentials.base_url
         self.me = {
             "id": str(field(account, "id", "")),
             "acct": str(field(account, "acct", "")),
-            "domain": (urlsplit(url).hostname or "").lower(),
+            "domain": self.local_domain(account),
             "blocked_ids": set(),
             "blocked_domains": set(),
         }
@@ -1198,6 +1197,21 @@ class HashtagBot:
             " (DRY RUN: nothing is changed)" if self.settings.DRY_RUN else "",
         )
         self.advise(account)
+
+    def local_domain(self, account: Any) -> str:
+        """Return the domain in the handles of local accounts.
+
+        An instance may serve its web pages on another host than the domain in
+        its handles (Mastodon's WEB_DOMAIN); /api/v2/instance names the latter.
+        """
+        try:
+            instance = read_instance(self.api)
+            # v2 names it "domain"; v1, before Mastodon 4.0, "uri".
+            domain = str(field(instance, "domain", "") or field(instance, "uri", ""))
+        except (MastodonError, requests.RequestException):
+            domain = ""
+        url = str(field(account, "url", "")) or self.credentials.base_url
+        return (domain or urlsplit(url).hostname or "").lower()
 
     def check_scopes(self) -> None:
         """Stop now if the token's scopes cannot cover ACTIONS.

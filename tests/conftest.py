@@ -194,7 +194,8 @@ class BotProcess:
             key: value
             for key, value in os.environ.items()
             # A developer's own Mastodon settings must never reach the bot under test.
-            if not key.startswith("MASTODON_")
+            # JOURNAL_STREAM would make the bot log without timestamps.
+            if not key.startswith("MASTODON_") and key != "JOURNAL_STREAM"
         }
         environment["PYTHONUNBUFFERED"] = "1"
         environment.update(self._extra_env)
