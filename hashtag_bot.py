@@ -53,6 +53,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import quote, urlsplit
 
 import requests
+import urllib3
 from dotenv import dotenv_values
 from mastodon import (
     Mastodon,
@@ -773,7 +774,7 @@ class State:
     def load(self) -> None:
         """Read the file; move a corrupt one aside and start as on a first run."""
         try:
-            text = self.path.read_text(encoding="utf-8")
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             return
         except OSError as err:
@@ -782,7 +783,7 @@ class State:
             )
             return
         try:
-            data = json.loads(text)
+            data = json.loads(raw.decode("utf-8"))
             positions = {str(k): str(v) for k, v in data["positions"].items()}
             acted = [str(i) for i in data.get("acted", [])]
             authors = {str(k): float(v) for k, v in data.get("authors", {}).items()}
@@ -1051,9 +1052,10 @@ class HashtagBot:
         A 401, and a 403 about scopes, stop the bot (FatalError). A 404, any
         other 403 and a 422 raise SkipPost. A 429 pauses all actions (Paused).
         A 5xx (such as a 503 from two racing requests) and a network error are
-        retried with backoff. After the last try a 5xx raises SkipPost. A
-        network error raises Unreachable instead, so the post is caught up
-        later and not dropped.
+        retried with backoff. After the last try a 5xx raises SkipPost: the
+        server answered, and the post is skipped with a warning. A network
+        error raises Unreachable instead, so the post is caught up once the
+        instance is back, and not dropped.
         """
         backoff = Backoff(RETRY_BACKOFF_INITIAL_SECONDS, RETRY_BACKOFF_MAX_SECONDS)
         for attempt in range(1, RETRY_ATTEMPTS + 1):
@@ -1087,7 +1089,6 @@ class HashtagBot:
                 failure = f"network error: {describe_error(err)}"
                 unreachable = True
             else:
-                self.ratelimit_backoff.reset()
                 return result
             if attempt == RETRY_ATTEMPTS:
                 break
@@ -1382,6 +1383,7 @@ class HashtagBot:
             except SkipPost as err:
                 log.warning("skip %s by @%s: %s %s", url, acct, action, err)
                 return "acted" if outcome == "acted" else "failed"
+            self.ratelimit_backoff.reset()
             self.state.action_times.append(self.clock())
             log.info("%s %s by @%s (#%s)", past_tense(action), url, acct, tag)
             outcome = "acted"
@@ -1578,7 +1580,7 @@ class HashtagBot:
                     tag,
                     format_time(self.state.pause_until),
                 )
-            except Unreachable as err:
+            except (Unreachable, SkipPost) as err:
                 self.fatal_message = f"#{tag}: {err}; run again later"
                 break
         return self.shutdown()
@@ -1669,7 +1671,7 @@ class TagWatcher:
                 self.stream()
             except Paused:
                 continue
-            except Unreachable as err:
+            except (Unreachable, SkipPost) as err:
                 self.wait_after_failure(str(err))
             except FatalError as err:
                 bot.fatal(str(err))
@@ -1769,7 +1771,22 @@ class TagWatcher:
                 reason,
                 delay,
             )
-            bot.sleep(delay)
+            self.wait_catching_up(delay)
+
+    def wait_catching_up(self, seconds: float) -> None:
+        """Wait out a reconnect backoff, catching up every POLL_SECONDS.
+
+        The backoff grows to minutes when the stream keeps failing while the
+        REST API works; the timeline still delivers the posts meanwhile.
+        """
+        bot = self.bot
+        deadline = bot.clock() + seconds
+        while deadline - bot.clock() > 0:
+            step = min(deadline - bot.clock(), bot.settings.POLL_SECONDS)
+            if bot.sleep(step):
+                return
+            if deadline - bot.clock() > 0:
+                bot.catch_up(self.tag, "catch-up")
 
     # Called from the listener, in this watcher's thread.
 
@@ -1849,7 +1866,7 @@ class TagWatcher:
             return work()
         except Paused as err:
             raise StreamRestart("actions are paused") from err
-        except Unreachable as err:
+        except (Unreachable, SkipPost) as err:
             raise StreamRestart(str(err)) from err
         except FatalError as err:
             self.bot.fatal(str(err))
@@ -2218,7 +2235,14 @@ def describe_stream_error(err: Exception) -> str:
     if isinstance(err, requests.Timeout):
         return "no answer from the streaming server"
     text = str(err.args[0]) if err.args else type(err).__name__
-    if "Timed out" in text:
+    # requests 2.x raises ConnectionError(ReadTimeoutError) for a read timeout
+    # inside iter_content, and Mastodon.py 2.3.3 reports that as "Requests
+    # reports connection error.", so the timeout shows only in the cause.
+    cause = err.__cause__
+    timed_out = isinstance(cause, requests.ConnectionError) and any(
+        isinstance(arg, urllib3.exceptions.ReadTimeoutError) for arg in cause.args
+    )
+    if "Timed out" in text or timed_out:
         return "no data, not even a heartbeat, within STREAM_TIMEOUT_SECONDS"
     return text
 

@@ -638,6 +638,10 @@ def test_stream_proxy_carries_only_stream(
 ) -> None:
     stream = MastodonPyStream(server.client("hashbot"), "proxied")
     server.wait_for_stream("proxied")
+    # The server opens the stream before its headers reach the client: wait
+    # until an event arrives, so that the cut comes in the middle of the stream.
+    server.publish_raw("proxied", "marker", "{}")
+    wait_until(lambda: stream.listener.events, 5.0, message="the marker event")
     assert stream_proxy.open_connections == 1
     started = time.monotonic()
     stream_proxy.cut()
