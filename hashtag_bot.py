@@ -1079,8 +1079,9 @@ class HashtagBot:
             except MastodonAPIError as err:
                 status, text = error_status(err), error_text(err)
                 if status == 403 and "scope" in text.lower():
+                    scope = ACTION_SCOPES.get(description.split()[0], "read:statuses")
                     raise FatalError(
-                        f"the token lacks a scope needed to {description} "
+                        f"the token lacks the scope {scope} needed to {description} "
                         f"({text}); create a token with the scopes "
                         f"{' '.join(needed_scopes(self.settings.ACTIONS))}"
                     ) from err

@@ -434,6 +434,64 @@ def test_rejected_token_exits_one(
     assert "revoked_token" not in log
 
 
+def test_missing_scope_at_start_exits_one(
+    bot_files: Callable[..., BotFiles],
+    start_bot: Callable[..., BotProcess],
+    server: MastodonServer,
+) -> None:
+    server.set_scopes("hashbot", ["read", "write:statuses"])
+    files = bot_files(ACTIONS=["boost", "favourite"], **FAST_SETTINGS)
+    bot = start_bot(files, verbose=True)
+
+    exit_code = bot.wait(timeout=FATAL_EXIT_LIMIT_SECONDS)
+    last_line = bot.log_text().splitlines()[-1]
+
+    assert exit_code == 1
+    assert "write:favourites" in last_line
+    assert "Traceback" not in bot.log_text()
+
+
+def test_token_revoked_while_running_exits_one(
+    bot_files: Callable[..., BotFiles],
+    start_bot: Callable[..., BotProcess],
+    server: MastodonServer,
+) -> None:
+    bot = start_bot(bot_files(**FAST_SETTINGS), verbose=True)
+    wait_for_stream(bot, server)
+    # Mastodon answers 401 once the owner revokes the token.
+    server.fault(path_regex=r"/reblog$", status=401, count=1)
+    server.post("alice", "Boosted with a revoked token #python")
+
+    exit_code = bot.wait(timeout=FATAL_EXIT_LIMIT_SECONDS)
+    last_line = bot.log_text().splitlines()[-1]
+
+    assert exit_code == 1
+    assert "MASTODON_ACCESS_TOKEN (401)" in last_line
+    assert "Traceback" not in bot.log_text()
+
+
+def test_scope_missing_while_running_exits_one(
+    bot_files: Callable[..., BotFiles],
+    start_bot: Callable[..., BotProcess],
+    server: MastodonServer,
+) -> None:
+    bot = start_bot(bot_files(**FAST_SETTINGS), verbose=True)
+    wait_for_stream(bot, server)
+    server.fault(
+        path_regex=r"/reblog$",
+        status=403,
+        body={"error": "This action is outside the authorized scopes"},
+        count=1,
+    )
+    server.post("alice", "Boosted without the scope #python")
+
+    exit_code = bot.wait(timeout=FATAL_EXIT_LIMIT_SECONDS)
+    last_line = bot.log_text().splitlines()[-1]
+
+    assert exit_code == 1
+    assert "write:statuses" in last_line
+
+
 def test_token_absent_from_verbose_log(
     bot_files: Callable[..., BotFiles],
     start_bot: Callable[..., BotProcess],
