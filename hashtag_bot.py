@@ -636,7 +636,9 @@ class Backoff:
 def field(obj: Any, name: str, default: Any = None) -> Any:
     """Return ``obj[name]`` for the dicts Mastodon.py returns, else default."""
     if isinstance(obj, dict):
-        value = obj.get(name, default)
+        # dict.get skips the Python-level lookup of Mastodon.py's
+        # AttribAccessDict, which made decisions on Status objects 4x slower.
+        value = dict.get(obj, name, default)
         return default if value is None else value
     return default
 
