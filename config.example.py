@@ -14,7 +14,7 @@
 # "#Café" and "cafe" are the same tag on Mastodon. Required.
 HASHTAGS = ["python"]
 
-# What to do with each matching post, in this order: any of "boost",
+# The actions taken on each matching post, in this order: any of "boost",
 # "favourite", "bookmark", "reply". Default: ["boost"].
 ACTIONS = ["boost"]
 
@@ -24,7 +24,7 @@ ACTIONS = ["boost"]
 # and {tag} by the matched hashtag without "#". Default: "" (empty).
 REPLY_TEXT = ""
 
-# Who sees the replies: "public", "unlisted", "private" or "direct".
+# The visibility of the replies: "public", "unlisted", "private" or "direct".
 # "unlisted" keeps them out of public timelines. Default: "unlisted".
 REPLY_VISIBILITY = "unlisted"
 
@@ -51,17 +51,17 @@ MAX_ACTIONS_PER_HOUR = 60
 # every 15 seconds. Default: 60.
 STREAM_TIMEOUT_SECONDS = 60
 
-# Watch only the posts of your own instance (true) or of the whole fediverse
-# as your instance sees it (false). Default: False.
+# Watch only the posts of your own instance (True), or all the posts your
+# instance knows of, from the whole fediverse (False). Default: False.
 LOCAL_ONLY = False
 
 # Seconds between two checks of the hashtag timeline against what the stream
 # delivered; posts the stream missed are handled then. Default: 300.
 RECONCILE_SECONDS = 300
 
-# Seconds between two reads of the timeline when the stream cannot be used
-# (the instance turned hashtag feeds off, or the stream keeps failing); the bot
-# tries the stream again every 30 minutes. Default: 60.
+# Seconds between two reads of the timeline when the stream cannot be used,
+# because the instance turned hashtag feeds off or the stream keeps failing.
+# The bot tries the stream again every 30 minutes. Default: 60.
 POLL_SECONDS = 60
 
 # --- Memory between runs --------------------------------------------------
@@ -72,7 +72,7 @@ POLL_SECONDS = 60
 STATE_FILE = "hashtag_bot_state.json"
 
 # At most this many missed posts are handled per hashtag when the bot catches
-# up (after a restart or an outage); newer ones beyond that are skipped and
+# up after a restart or an outage. Newer ones beyond that are skipped and
 # counted in the log. Default: 200.
 CATCH_UP_MAX = 200
 
@@ -88,7 +88,7 @@ DRY_RUN = False
 OPT_OUT_TAGS = ["nobot", "nobots", "noboost"]
 
 # Skip accounts marked as bots, which keeps bots from boosting each other in
-# loops. The bot never replies to a bot, whatever this says. Default: True.
+# loops. The bot never replies to a bot, whatever this is set to. Default: True.
 SKIP_BOTS = True
 
 # Skip posts that are replies. Default: False.
