@@ -30,6 +30,7 @@ on at most ``CATCH_UP_MAX`` posts, logging how many it skipped.
 import argparse
 import contextlib
 import difflib
+import fcntl
 import html
 import ipaddress
 import json
@@ -43,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import unicodedata
 import warnings
 from collections import Counter, OrderedDict, deque
@@ -52,23 +54,32 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import quote, urlsplit
 
-import requests
-import urllib3
-from dotenv import dotenv_values
-from mastodon import (
-    Mastodon,
-    MastodonAPIError,
-    MastodonError,
-    MastodonIllegalArgumentError,
-    MastodonMalformedEventError,
-    MastodonNetworkError,
-    MastodonNotFoundError,
-    MastodonRatelimitError,
-    MastodonServerError,
-    MastodonUnauthorizedError,
-    StreamListener,
-)
-from mastodon.errors import MastodonWarning
+try:
+    import requests
+    import urllib3
+    from dotenv import dotenv_values
+    from mastodon import (
+        Mastodon,
+        MastodonAPIError,
+        MastodonError,
+        MastodonIllegalArgumentError,
+        MastodonMalformedEventError,
+        MastodonNetworkError,
+        MastodonNotFoundError,
+        MastodonRatelimitError,
+        MastodonServerError,
+        MastodonUnauthorizedError,
+        StreamListener,
+    )
+    from mastodon.errors import MastodonWarning
+except ImportError as missing:  # the dependencies live in the virtual environment
+    print(
+        f"hashtag_bot: error: the package {missing.name} is not installed for "
+        f"{sys.executable}; run the bot with .venv/bin/python hashtag_bot.py "
+        "(README, 'Install and run')",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
 
 __version__ = "1.0.0"
 
@@ -308,10 +319,26 @@ def read_config_file(path: Path) -> dict[str, Any]:
             f"invalid config file {path}, line {err.lineno}: {err.msg}; "
             "fix the Python syntax there"
         ) from err
-    except Exception as err:  # noqa: BLE001 - any error in the user's file
+    except OSError as err:
         raise ConfigError(
-            f"invalid config file {path}: {type(err).__name__}: {err}; "
-            "fix that line of the file"
+            f"cannot read config file {path} ({err.strerror}); the bot must run "
+            "as a user who may read it"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - any error in the user's file
+        line = next(
+            (
+                frame.lineno
+                for frame in reversed(traceback.extract_tb(err.__traceback__))
+                if Path(frame.filename) == path
+            ),
+            "?",
+        )
+        hint = ""
+        if isinstance(err, NameError):
+            hint = " (write True and False with capitals, and text in quotes)"
+        raise ConfigError(
+            f"invalid config file {path}, line {line}: {type(err).__name__}: "
+            f"{err}{hint}; fix that line"
         ) from err
     values = {}
     for key, value in namespace.items():
@@ -367,10 +394,10 @@ def validate_settings(values: dict[str, Any], config_path: Path) -> None:
     tags = []
     for raw in values["HASHTAGS"]:
         tag = normalize_tag(raw)
-        if not tag or not is_valid_tag(tag):
+        if not tag or not is_valid_tag(tag) or not is_hashtag_text(raw):
             raise ConfigError(
                 f"invalid hashtag {raw!r} in HASHTAGS: a hashtag has letters, "
-                "digits and _ only, with or without a leading #"
+                "digits and _ only (no spaces, + or -), with or without a leading #"
             )
         if tag not in tags:
             tags.append(tag)
@@ -413,7 +440,19 @@ def validate_settings(values: dict[str, Any], config_path: Path) -> None:
             "invalid MAX_ACTIONS_PER_HOUR 0: use 1 or more (60 is a safe default)"
         )
     values["OPT_OUT_TAGS"] = [normalize_tag(t) for t in values["OPT_OUT_TAGS"]]
+    for tag in tags:
+        if tag in values["OPT_OUT_TAGS"]:
+            raise ConfigError(
+                f"HASHTAGS contains #{tag}, which is also in OPT_OUT_TAGS: every post "
+                "with it would be skipped; remove it from one of them"
+            )
     values["LANGUAGES"] = [lang.strip().lower() for lang in values["LANGUAGES"]]
+    for language in values["LANGUAGES"]:
+        if not re.fullmatch(r"[a-z]{2,3}", language):
+            raise ConfigError(
+                f"invalid language {language!r} in LANGUAGES: use ISO 639-1 codes "
+                'such as "en" or "de"'
+            )
     values["DENY_ACCOUNTS"] = [parse_deny_entry(e) for e in values["DENY_ACCOUNTS"]]
     state_file = Path(values["STATE_FILE"]).expanduser()
     if not state_file.is_absolute():
@@ -442,10 +481,17 @@ def load_credentials(env_path: Optional[Path], environ: dict[str, str]) -> Crede
     if env_path is not None and not path.exists() and not in_environment:
         raise ConfigError(
             f"env file not found: {path}; check the --env-file path, or run "
-            f"python hashtag_bot.py --env-file {path} --login https://your.instance "
+            f".venv/bin/python hashtag_bot.py --env-file {path} --login "
+            "https://your.instance "
             "to create it"
         )
-    file_values = {k: v for k, v in dotenv_values(path).items() if v is not None}
+    try:
+        file_values = {k: v for k, v in dotenv_values(path).items() if v is not None}
+    except OSError as err:
+        raise ConfigError(
+            f"cannot read env file {path} ({err.strerror}); run the bot as the user "
+            "who owns it, or give that user the file (chown)"
+        ) from err
     merged = {**file_values, **{k: v for k, v in environ.items() if v}}
     base_url = merged.get("MASTODON_API_BASE_URL", "").strip()
     token = merged.get("MASTODON_ACCESS_TOKEN", "").strip()
@@ -453,8 +499,8 @@ def load_credentials(env_path: Optional[Path], environ: dict[str, str]) -> Crede
         if not value:
             raise ConfigError(
                 f"missing {name}: set it in {path} or in the environment "
-                "(see the README, 'Get a token'), or run "
-                "python hashtag_bot.py --login https://your.instance"
+                "(see the README, 'Get a token by hand'), or run "
+                ".venv/bin/python hashtag_bot.py --login https://your.instance"
             )
     if re.search(r"\s", token):
         raise ConfigError(
@@ -478,6 +524,8 @@ def check_base_url(raw: str) -> str:
         problem = "expected https://your.instance"
     elif parts.query or parts.fragment or parts.username:
         problem = "expected just https://your.instance, without ?, # or user@"
+    elif "/api/" in parts.path + "/":
+        problem = "remove the path, expected just https://your.instance"
     elif parts.scheme == "http" and not is_loopback_host(host):
         problem = "the token is only sent over https; use https://" + parts.netloc
     if problem:
@@ -538,6 +586,21 @@ def normalize_tag(name: str) -> str:
         if char.isalnum()
         or char in TAG_SEPARATORS
         or unicodedata.category(char) in ("Mn", "Mc")
+    )
+
+
+def is_hashtag_text(raw: str) -> bool:
+    """Return True if ``raw`` is one hashtag as written: no spaces, no ``+-.``.
+
+    Mastodon would read ``#c++`` as ``#c`` and ``#foo-bar`` as ``#foo``, so
+    such a setting would watch another tag than the user meant.
+    """
+    text = unicodedata.normalize("NFKC", raw.strip()).lstrip("#")
+    return all(
+        char.isalnum()
+        or char in TAG_SEPARATORS
+        or unicodedata.category(char) in ("Mn", "Mc")
+        for char in text
     )
 
 
@@ -772,6 +835,8 @@ class State:
         self.authors: dict[str, float] = {}
         self.action_times: deque = deque()
         self.pause_until = 0.0
+        # "ratelimit" or "budget": a budget pause ends early if the limit grew.
+        self.pause_kind = ""
 
     def load(self) -> None:
         """Read the file; move a corrupt one aside and start as on a first run."""
@@ -791,7 +856,10 @@ class State:
             authors = {str(k): float(v) for k, v in data.get("authors", {}).items()}
             action_times = sorted(float(t) for t in data.get("action_times", []))
             pause_until = float(data.get("pause_until") or 0.0)
+            pause_kind = str(data.get("pause_kind") or "")
         except (ValueError, TypeError, KeyError, AttributeError) as err:
+            if isinstance(err, KeyError):
+                err = ValueError(f"the field {err.args[0]!r} is missing")
             aside = self.path.with_name(
                 f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
             )
@@ -813,6 +881,7 @@ class State:
         self.authors = authors
         self.action_times = deque(action_times)
         self.pause_until = pause_until
+        self.pause_kind = pause_kind
 
     def save(self) -> None:
         """Write the file atomically: temporary file, flush, fsync, rename."""
@@ -823,6 +892,7 @@ class State:
             "authors": self.authors,
             "action_times": list(self.action_times),
             "pause_until": self.pause_until or None,
+            "pause_kind": self.pause_kind or None,
         }
         directory = self.path.parent
         fd, temporary = tempfile.mkstemp(
@@ -1000,6 +1070,7 @@ class HashtagBot:
         self.blocklists_read_at = 0.0
         self.pruned_at = 0.0
         self.watchers: list[TagWatcher] = []
+        self.lock_file: Any = None
 
     # Clients and calls -------------------------------------------------------
 
@@ -1071,7 +1142,7 @@ class HashtagBot:
                 raise FatalError(
                     f"the instance rejected MASTODON_ACCESS_TOKEN (401) while "
                     f"trying to {description}: the token was revoked or is wrong; "
-                    "create a new one (README, 'Get a token') and restart"
+                    "create a new one (README, 'Get a token by hand') and restart"
                 ) from err
             except MastodonNotFoundError as err:
                 raise SkipPost(f"not found (404): {error_text(err)}") from err
@@ -1133,6 +1204,7 @@ class HashtagBot:
             seconds = self.ratelimit_backoff.next_delay()
             why = "no usable X-RateLimit-Reset header, backing off"
         self.state.pause_until = max(self.state.pause_until, now + seconds)
+        self.state.pause_kind = "ratelimit"
         self.save_state()
         log.warning(
             "rate limited (429) while trying to %s: pausing all actions for %.0f s "
@@ -1145,13 +1217,15 @@ class HashtagBot:
     def start_budget_pause(self) -> None:
         """Pause actions until the oldest action of the hour leaves the window."""
         resume_at = self.state.action_times[0] + ACTION_WINDOW_SECONDS
-        self.state.pause_until = max(self.state.pause_until, resume_at)
+        if resume_at > self.state.pause_until:
+            self.state.pause_until = resume_at
+            self.state.pause_kind = "budget"
         self.save_state()
         log.info(
-            "MAX_ACTIONS_PER_HOUR (%d) reached: waiting %.0f s; the posts meanwhile "
-            "are caught up afterwards, not dropped",
+            "MAX_ACTIONS_PER_HOUR (%d) reached: actions resume at %s; the posts "
+            "meanwhile are caught up then, not dropped",
             self.settings.MAX_ACTIONS_PER_HOUR,
-            resume_at - self.clock(),
+            format_time(resume_at),
         )
 
     def wait_while_paused(self) -> bool:
@@ -1190,6 +1264,7 @@ class HashtagBot:
             "blocked_domains": set(),
         }
         self.state.load()
+        self.check_state_file()
         self.check_scopes()
         self.refresh_blocklists()
         log.info(
@@ -1201,6 +1276,51 @@ class HashtagBot:
             " (DRY RUN: nothing is changed)" if self.settings.DRY_RUN else "",
         )
         self.advise(account)
+
+    def check_state_file(self) -> None:
+        """Take the lock of STATE_FILE, make sure it can be written, and log any
+        pause saved by the last run.
+
+        Two bots on one state file would overwrite each other's position. A
+        budget pause from the last run ends at once if MAX_ACTIONS_PER_HOUR grew.
+        """
+        state = self.state
+        if self.settings.DRY_RUN:
+            return
+        try:
+            self.lock_file = open(f"{state.path}.lock", "a")  # noqa: SIM115
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise FatalError(
+                f"another hashtag_bot is running with STATE_FILE {state.path}; "
+                "stop it first, or give this one another STATE_FILE"
+            ) from err
+        except OSError as err:
+            raise FatalError(
+                f"cannot write STATE_FILE {state.path} ({err.strerror}); create its "
+                "folder, fix its permissions, or set STATE_FILE"
+            ) from err
+        now = self.clock()
+        state.prune(now, self.settings.USER_COOLDOWN_SECONDS)
+        within_budget = len(state.action_times) < self.settings.MAX_ACTIONS_PER_HOUR
+        if state.pause_kind == "budget" and within_budget:
+            state.pause_until = 0.0
+        if state.pause_until > now:
+            log.warning(
+                "actions are paused until %s (%s, saved by the last run); the bot "
+                "catches up then",
+                format_time(state.pause_until),
+                "rate limited by the server"
+                if state.pause_kind != "budget"
+                else "MAX_ACTIONS_PER_HOUR reached",
+            )
+        try:
+            state.save()
+        except OSError as err:
+            raise FatalError(
+                f"cannot write STATE_FILE {state.path} ({err.strerror}); fix its "
+                "permissions or set STATE_FILE"
+            ) from err
 
     def local_domain(self, account: Any) -> str:
         """Return the domain in the handles of local accounts.
@@ -1384,7 +1504,9 @@ class HashtagBot:
             try:
                 self.call(f"{action} {url}", method, *args, **kwargs)
             except SkipPost as err:
-                log.warning("skip %s by @%s: %s %s", url, acct, action, err)
+                # A post deleted before the action is part of normal life.
+                level = logging.INFO if "(404)" in str(err) else logging.WARNING
+                log.log(level, "skip %s by @%s: %s %s", url, acct, action, err)
                 return "acted" if outcome == "acted" else "failed"
             self.ratelimit_backoff.reset()
             self.state.action_times.append(self.clock())
@@ -1600,24 +1722,31 @@ class HashtagBot:
     def shutdown(self) -> int:
         """Let an action in flight finish, save, log the summary, and return."""
         self.stop_event.set()
-        if self.lock.acquire(timeout=STOP_GRACE_SECONDS):
-            try:
-                if self.me:
-                    self.save_state()
-            finally:
+        # A watcher may hold the lock in a request that takes up to
+        # REQUEST_TIMEOUT_SECONDS: wait for it briefly, never longer.
+        locked = self.lock.acquire(timeout=STOP_GRACE_SECONDS)
+        try:
+            if self.me and locked:
+                self.save_state()
+            if self.me:
+                self.log_summary(final=True, locked=locked)
+                log.info("stopped")
+        finally:
+            if locked:
                 self.lock.release()
-        if self.me:
-            self.log_summary(final=True)
-            log.info("stopped")
         if self.fatal_message:
             # The last line on stderr names what went wrong and how to fix it.
             log.error("%s", self.fatal_message)
             return EXIT_FATAL
         return EXIT_OK
 
-    def log_summary(self, final: bool = False) -> None:
-        """Log one line: posts seen, acted on, skipped (by rule), failed."""
-        with self.lock:
+    def log_summary(self, final: bool = False, locked: bool = False) -> None:
+        """Log one line: posts seen, acted on, skipped (by rule), failed.
+
+        ``locked`` False takes the lock first; at shutdown the caller may not
+        have got it, and then reads the counters as they are.
+        """
+        with self.lock if not (final or locked) else contextlib.nullcontext():
             stats, reasons = self.stats, self.skip_reasons
             self.stats, self.skip_reasons = Counter(), Counter()
             since = self.summary_since
@@ -1689,6 +1818,8 @@ class TagWatcher:
                 self.wait_after_failure(repr(err))
 
     def wait_after_failure(self, reason: str) -> None:
+        if self.bot.stop_event.is_set():
+            return
         delay = self.backoff.next_delay()
         log.warning("#%s: %s; trying again in %.0f s", self.tag, reason, delay)
         self.bot.sleep(delay)
@@ -1930,7 +2061,10 @@ def guided_setup(
         except ConfigError as err:
             print(f"{err}. Try again.")
         except (MastodonError, requests.RequestException) as err:
-            print(f"could not register the bot on {raw}: {err}. Check the address.")
+            print(
+                f"could not register the bot on {raw} ({describe_error(err)}). "
+                "Check the address."
+            )
         if attempt == SETUP_ATTEMPTS:
             raise SetupAborted("no instance could be reached")
     log.info("registered the application on %s", base_url)
@@ -1944,7 +2078,10 @@ def guided_setup(
         user_agent=USER_AGENT,
     )
     url = client.auth_request_url(
-        redirect_uris=OOB_REDIRECT, scopes=scopes, allow_http=allow_http
+        redirect_uris=OOB_REDIRECT,
+        scopes=scopes,
+        allow_http=allow_http,
+        force_login=True,
     )
     print("\nOpen this address in a browser, logged in as the bot's account,")
     print("and allow access:\n")
@@ -1964,6 +2101,12 @@ def guided_setup(
         if attempt == SETUP_ATTEMPTS:
             raise SetupAborted("no valid authorization code")
 
+    try:
+        acct = client.account_verify_credentials()["acct"]
+        print(f"Logged in as @{acct}. If that is not the bot's account, run --login")
+        print("again and log in as the bot in the browser first.")
+    except (MastodonError, requests.RequestException, KeyError):
+        pass
     write_private_file(
         env_path,
         f"MASTODON_API_BASE_URL={base_url}\nMASTODON_ACCESS_TOKEN={token}\n",
@@ -1995,16 +2138,19 @@ def write_config_from_example(config_path: Path) -> None:
     example = SCRIPT_DIR / "config.example.py"
     while True:
         answer = ask("Hashtags to watch, separated by commas (for example python): ")
-        tags = [normalize_tag(t) for t in answer.split(",") if t.strip()]
-        if tags and all(is_valid_tag(t) for t in tags):
+        raw_tags = [t.strip() for t in answer.split(",") if t.strip()]
+        tags = [normalize_tag(t) for t in raw_tags]
+        if tags and all(
+            is_valid_tag(t) and is_hashtag_text(r) for t, r in zip(tags, raw_tags)
+        ):
             break
         print("Give at least one hashtag of letters, digits and _.")
     text = example.read_text(encoding="utf-8")
-    text, count = re.subn(
-        r"^HASHTAGS = .*$", f"HASHTAGS = {json.dumps(tags)}", text, flags=re.M
-    )
+    line = f"HASHTAGS = {json.dumps(tags, ensure_ascii=False)}"
+    # A function, not a string: a replacement string would read \u as an escape.
+    text, count = re.subn(r"^HASHTAGS = .*$", lambda _: line, text, flags=re.M)
     if not count:
-        text += f"\nHASHTAGS = {json.dumps(tags)}\n"
+        text += f"\n{line}\n"
     config_path.write_text(text, encoding="utf-8")
     print(f"Saved the settings in {config_path}; edit it to change what the bot does.")
 
@@ -2081,7 +2227,7 @@ class Checker:
             self.report(
                 "FAIL", "token",
                 f"{base_url} rejected MASTODON_ACCESS_TOKEN (401); create a new "
-                "token (README, 'Get a token') or run --login",
+                "token (README, 'Get a token by hand') or run --login",
             )  # fmt: skip
             return None
         except (MastodonError, requests.RequestException) as err:
@@ -2223,12 +2369,29 @@ def error_text(err: Exception) -> str:
     return str(err.args[-1]) if err.args else type(err).__name__
 
 
+# Short names for the network failures buried in requests' long messages.
+NETWORK_FAILURES = (
+    ("Connection refused", "connection refused"),
+    ("NameResolutionError", "host name not found"),
+    ("Name or service not known", "host name not found"),
+    ("SSLError", "TLS certificate or handshake failed"),
+    ("timed out", "timed out"),
+    ("RemoteDisconnected", "connection closed by the server"),
+    ("Connection reset", "connection reset"),
+    ("Connection aborted", "connection closed by the server"),
+)
+
+
 def describe_error(err: Exception) -> str:
     """Return a Mastodon.py or requests error as one short phrase."""
     if isinstance(err, MastodonAPIError) and len(err.args) >= 3:
         text = f" {err.args[3]}" if len(err.args) > 3 and err.args[3] else ""
         return f"HTTP {err.args[1]} {err.args[2]}:{text}".rstrip(":")
-    return str(err) or type(err).__name__
+    text = str(err) or type(err).__name__
+    for marker, phrase in NETWORK_FAILURES:
+        if marker in text:
+            return phrase
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def describe_stream_error(err: Exception) -> str:
@@ -2390,12 +2553,19 @@ def obtain_credentials(args: argparse.Namespace, environ: dict) -> Credentials:
         environ.get("MASTODON_API_BASE_URL") and environ.get("MASTODON_ACCESS_TOKEN")
     )
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if args.login and not interactive:
+        raise ConfigError(
+            "--login needs a terminal: run it where you can answer its questions"
+        )
     if args.login or (not have_credentials and interactive):
         try:
             actions = load_settings(args.config, environ).ACTIONS
         except ConfigError:
             actions = list(SETTINGS_SPEC["ACTIONS"][1])
         return guided_setup(env_path, config_path, args.login or "", actions)
+    if interactive and not config_path.exists() and "HASHTAGS" not in environ:
+        # A setup stopped before the hashtags question goes on from there.
+        write_config_from_example(config_path)
     return load_credentials(args.env_file, environ)
 
 
