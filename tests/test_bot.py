@@ -736,3 +736,89 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture) -> None:
         # A whole option, so "-v" does not match inside "--version".
         pattern = rf"(?<![\w-]){re.escape(option)}\b"
         assert re.search(pattern, help_text), f"{option} is missing from --help"
+
+
+# --- the state file at start-up --------------------------------------------------
+
+
+def test_second_bot_on_state_file_exits_one(
+    bot_files: Callable[..., BotFiles],
+    start_bot: Callable[..., BotProcess],
+    server: MastodonServer,
+) -> None:
+    files = bot_files(**FAST_SETTINGS)
+    first = start_bot(files, verbose=True)
+    wait_for_stream(first, server)
+    second = start_bot(files, verbose=True)
+
+    exit_code = second.wait(timeout=FATAL_EXIT_LIMIT_SECONDS)
+
+    assert exit_code == 1
+    assert "another hashtag_bot is running" in second.log_text().splitlines()[-1]
+    assert first.returncode is None
+
+
+def test_unwritable_state_file_exits_one(
+    bot_files: Callable[..., BotFiles],
+    start_bot: Callable[..., BotProcess],
+    tmp_path: Path,
+) -> None:
+    missing_folder = tmp_path / "no" / "such" / "folder" / "state.json"
+    files = bot_files(**{**FAST_SETTINGS, "STATE_FILE": str(missing_folder)})
+    bot = start_bot(files, verbose=True)
+
+    exit_code = bot.wait(timeout=FATAL_EXIT_LIMIT_SECONDS)
+    last_line = bot.log_text().splitlines()[-1]
+
+    assert exit_code == 1
+    assert "STATE_FILE" in last_line
+    assert "Traceback" not in bot.log_text()
+
+
+def test_saved_pause_logged_at_start(
+    bot_files: Callable[..., BotFiles],
+    start_bot: Callable[..., BotProcess],
+    tmp_path: Path,
+) -> None:
+    state_path = tmp_path / "saved_pause.json"
+    state_path.write_text(
+        json.dumps(
+            {
+                "positions": {TAG: ""},
+                "pause_until": time.time() + 3600,
+                "pause_kind": "ratelimit",
+            }
+        ),
+        encoding="utf-8",
+    )
+    files = bot_files(**{**FAST_SETTINGS, "STATE_FILE": str(state_path)})
+    bot = start_bot(files, verbose=True)
+
+    bot.wait_for_log(r"actions are paused until .*\(rate limited by the server")
+
+
+def test_budget_pause_ends_when_limit_raised(
+    bot_files: Callable[..., BotFiles],
+    start_bot: Callable[..., BotProcess],
+    server: MastodonServer,
+    tmp_path: Path,
+) -> None:
+    now = time.time()
+    state_path = tmp_path / "saved_budget.json"
+    state_path.write_text(
+        json.dumps(
+            {
+                "positions": {TAG: ""},
+                "action_times": [now - 60],
+                "pause_until": now + 3540,
+                "pause_kind": "budget",
+            }
+        ),
+        encoding="utf-8",
+    )
+    settings = {**FAST_SETTINGS, "STATE_FILE": str(state_path)}
+    bot = start_bot(bot_files(MAX_ACTIONS_PER_HOUR=60, **settings), verbose=True)
+    wait_for_stream(bot, server)
+    post = server.post("alice", "Boosted once the limit was raised #python")
+
+    wait_for_boost(bot, server, post)

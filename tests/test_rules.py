@@ -436,3 +436,52 @@ def test_redacting_filter_counts_repeated_warnings():
     assert redactor.filter(warning("stream disconnected"))
     assert not redactor.filter(warning("stream disconnected"))
     assert redactor.filter(warning("another warning"))
+
+
+@pytest.mark.parametrize("raw", ["c++", "foo-bar", "rust lang", "#a.b"])
+def test_settings_hashtag_with_punctuation_rejected(tmp_path, raw):
+    with pytest.raises(bot.ConfigError, match="invalid hashtag"):
+        make_settings(tmp_path, HASHTAGS=raw.replace(",", ""))
+
+
+def test_settings_non_latin_hashtag_accepted(tmp_path):
+    assert make_settings(tmp_path, HASHTAGS="日本語,#Ærø").HASHTAGS == [
+        "日本語",
+        "aero",
+    ]
+
+
+def test_settings_watched_opt_out_tag_rejected(tmp_path):
+    with pytest.raises(bot.ConfigError, match="OPT_OUT_TAGS"):
+        make_settings(tmp_path, HASHTAGS="NoBot")
+
+
+def test_settings_language_name_rejected(tmp_path):
+    with pytest.raises(bot.ConfigError, match="LANGUAGES"):
+        make_settings(tmp_path, LANGUAGES="english")
+
+
+def test_settings_name_error_names_line_and_hint(tmp_path):
+    with pytest.raises(bot.ConfigError, match=r"line 2: NameError.*capitals"):
+        make_settings(tmp_path, "DRY_RUN = false\n")
+
+
+def test_base_url_with_api_path_rejected():
+    with pytest.raises(bot.ConfigError, match="remove the path"):
+        bot.check_base_url("https://example.social/api/v1")
+
+
+def test_network_error_described_briefly():
+    err = bot.requests.ConnectionError(
+        "HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded "
+        "(Caused by NewConnectionError(... [Errno 111] Connection refused))"
+    )
+    assert bot.describe_error(err) == "connection refused"
+
+
+def test_config_from_example_keeps_non_latin_tags(tmp_path, monkeypatch):
+    answers = iter(["日本語, #Ærø"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
+    config = tmp_path / "config.py"
+    bot.write_config_from_example(config)
+    assert bot.load_settings(config, {}).HASHTAGS == ["日本語", "aero"]
