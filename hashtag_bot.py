@@ -2279,8 +2279,9 @@ class Checker:
             ):
                 self.report(
                     "WARN", "hashtag feeds",
-                    "the instance has turned hashtag feeds off for this account; "
-                    "the bot will poll the timeline every POLL_SECONDS instead",
+                    "the instance has turned hashtag feeds off for this account, so "
+                    "the stream connects but delivers no posts; the bot will poll "
+                    "the timeline every POLL_SECONDS instead",
                 )  # fmt: skip
             client.stream_hashtag(
                 quote(tag, safe=""),
@@ -2321,15 +2322,29 @@ class Checker:
 
     def check_state_file(self, path: Path) -> None:
         try:
-            if path.exists():
-                json.loads(path.read_text(encoding="utf-8"))
             with tempfile.NamedTemporaryFile(dir=str(path.parent)):
                 pass
-        except (OSError, ValueError) as err:
+            saved = json.loads(path.read_bytes()) if path.exists() else {}
+        except OSError as err:
             self.report(
                 "FAIL", "state file",
-                f"{path} is not readable and writable ({err}); fix its directory "
-                "or set STATE_FILE",
+                f"{path} is not readable and writable ({err.strerror}); fix its "
+                "folder or set STATE_FILE",
+            )  # fmt: skip
+            return
+        except ValueError:
+            self.report(
+                "WARN", "state file",
+                f"{path} is corrupt; the bot will move it aside and start as on "
+                "a first run",
+            )  # fmt: skip
+            return
+        pause_until = saved.get("pause_until") if isinstance(saved, dict) else None
+        if isinstance(pause_until, (int, float)) and pause_until > time.time():
+            self.report(
+                "WARN", "state file",
+                f"actions are paused until {format_time(pause_until)} (saved by "
+                "the last run: a rate limit or MAX_ACTIONS_PER_HOUR)",
             )  # fmt: skip
             return
         self.report("PASS", "state file", f"{path} is readable and writable")

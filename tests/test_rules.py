@@ -4,6 +4,8 @@ These feed status dictionaries shaped like Mastodon's and check the decision
 and its reason; no server is involved.
 """
 
+import io
+import json
 from pathlib import Path
 
 import pytest
@@ -485,3 +487,26 @@ def test_config_from_example_keeps_non_latin_tags(tmp_path, monkeypatch):
     config = tmp_path / "config.py"
     bot.write_config_from_example(config)
     assert bot.load_settings(config, {}).HASHTAGS == ["日本語", "aero"]
+
+
+def check_state_file_line(path: Path) -> str:
+    output = io.StringIO()
+    bot.Checker(out=output).check_state_file(path)
+    return output.getvalue().strip()
+
+
+def test_check_state_file_saved_pause_warns(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"positions": {}, "pause_until": 4e9}), "utf-8")
+    assert check_state_file_line(path).startswith("WARN state file: actions are paused")
+
+
+def test_check_state_file_corrupt_warns(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_bytes(b"\x89PNG\x00")
+    assert check_state_file_line(path).startswith("WARN state file:")
+
+
+def test_check_state_file_missing_folder_fails(tmp_path):
+    line = check_state_file_line(tmp_path / "missing" / "state.json")
+    assert line.startswith("FAIL state file:")
