@@ -8,10 +8,11 @@ opted out with a tag such as ``#nobot`` in their bio, nor on posts that the
 owner's keyword filters hide. Between actions it waits ``ACTION_DELAY_SECONDS``, and
 it leaves each author alone for ``USER_COOLDOWN_SECONDS`` after acting on them.
 
-Run it with ``python hashtag_bot.py``; stop it with Ctrl+C or SIGTERM. The
-instance and token come from ``.env`` (``MASTODON_API_BASE_URL``,
-``MASTODON_ACCESS_TOKEN``), the behaviour from ``config.py``; any setting can
-also be given as an environment variable of the same name.
+Run it with ``.venv/bin/python hashtag_bot.py`` and stop it with Ctrl+C or
+SIGTERM. The instance and the token come from ``.env``
+(``MASTODON_API_BASE_URL``, ``MASTODON_ACCESS_TOKEN``), and the behaviour from
+``config.py``. Any setting can also be given as an environment variable of the
+same name.
 
 Guarantees: the position of each hashtag (the newest post fully handled) is
 saved to ``STATE_FILE`` after every post, atomically. On every start and every
@@ -1125,8 +1126,8 @@ class HashtagBot:
         A 401, and a 403 about scopes, stop the bot (FatalError). A 404, any
         other 403 and a 422 raise SkipPost. A 429 pauses all actions (Paused).
         A 5xx (such as a 503 from two racing requests) and a network error are
-        retried with backoff. After the last try a 5xx raises SkipPost: the
-        server answered, and the post is skipped with a warning. A network
+        retried with backoff. After the last try a 5xx raises SkipPost, and
+        the post is skipped with a warning, because the server responded. A network
         error raises Unreachable instead, so the post is caught up once the
         instance is back, and not dropped.
         """
@@ -1433,7 +1434,7 @@ class HashtagBot:
                 status, self.settings, self.me
             )
             # A post is counted once it is decided: act() may raise Paused, and
-            # the catch-up after the pause sees the same post again.
+            # the catch-up after the pause handles the same post again.
             if reason:
                 self.stats["seen"] += 1
                 self.stats["skipped"] += 1

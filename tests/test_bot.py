@@ -434,6 +434,15 @@ def test_rejected_token_exits_one(
     assert "revoked_token" not in log
 
 
+def wait_for_fatal_exit(bot: BotProcess) -> str:
+    """Wait for the bot to exit with status 1 and return its last stderr line."""
+    exit_code = bot.wait(timeout=FATAL_EXIT_LIMIT_SECONDS)
+    log = bot.log_text()
+    assert exit_code == 1
+    assert "Traceback" not in log
+    return log.splitlines()[-1]
+
+
 def test_missing_scope_at_start_exits_one(
     bot_files: Callable[..., BotFiles],
     start_bot: Callable[..., BotProcess],
@@ -443,53 +452,40 @@ def test_missing_scope_at_start_exits_one(
     files = bot_files(ACTIONS=["boost", "favourite"], **FAST_SETTINGS)
     bot = start_bot(files, verbose=True)
 
-    exit_code = bot.wait(timeout=FATAL_EXIT_LIMIT_SECONDS)
-    last_line = bot.log_text().splitlines()[-1]
+    last_line = wait_for_fatal_exit(bot)
 
-    assert exit_code == 1
     assert "write:favourites" in last_line
-    assert "Traceback" not in bot.log_text()
 
 
-def test_token_revoked_while_running_exits_one(
+@pytest.mark.parametrize(
+    ("status", "body", "named"),
+    [
+        # Mastodon answers 401 once the owner revokes the token.
+        (401, None, "MASTODON_ACCESS_TOKEN (401)"),
+        (
+            403,
+            {"error": "This action is outside the authorized scopes"},
+            "write:statuses",
+        ),
+    ],
+    ids=["token-revoked", "scope-missing"],
+)
+def test_rejection_while_running_exits_one(
     bot_files: Callable[..., BotFiles],
     start_bot: Callable[..., BotProcess],
     server: MastodonServer,
+    status: int,
+    body: dict | None,
+    named: str,
 ) -> None:
     bot = start_bot(bot_files(**FAST_SETTINGS), verbose=True)
     wait_for_stream(bot, server)
-    # Mastodon answers 401 once the owner revokes the token.
-    server.fault(path_regex=r"/reblog$", status=401, count=1)
-    server.post("alice", "Boosted with a revoked token #python")
+    server.fault(path_regex=r"/reblog$", status=status, body=body, count=1)
+    server.post("alice", "Boosted with a rejected token #python")
 
-    exit_code = bot.wait(timeout=FATAL_EXIT_LIMIT_SECONDS)
-    last_line = bot.log_text().splitlines()[-1]
+    last_line = wait_for_fatal_exit(bot)
 
-    assert exit_code == 1
-    assert "MASTODON_ACCESS_TOKEN (401)" in last_line
-    assert "Traceback" not in bot.log_text()
-
-
-def test_scope_missing_while_running_exits_one(
-    bot_files: Callable[..., BotFiles],
-    start_bot: Callable[..., BotProcess],
-    server: MastodonServer,
-) -> None:
-    bot = start_bot(bot_files(**FAST_SETTINGS), verbose=True)
-    wait_for_stream(bot, server)
-    server.fault(
-        path_regex=r"/reblog$",
-        status=403,
-        body={"error": "This action is outside the authorized scopes"},
-        count=1,
-    )
-    server.post("alice", "Boosted without the scope #python")
-
-    exit_code = bot.wait(timeout=FATAL_EXIT_LIMIT_SECONDS)
-    last_line = bot.log_text().splitlines()[-1]
-
-    assert exit_code == 1
-    assert "write:statuses" in last_line
+    assert named in last_line
 
 
 def test_token_absent_from_verbose_log(
@@ -751,10 +747,9 @@ def test_second_bot_on_state_file_exits_one(
     wait_for_stream(first, server)
     second = start_bot(files, verbose=True)
 
-    exit_code = second.wait(timeout=FATAL_EXIT_LIMIT_SECONDS)
+    last_line = wait_for_fatal_exit(second)
 
-    assert exit_code == 1
-    assert "another hashtag_bot is running" in second.log_text().splitlines()[-1]
+    assert "another hashtag_bot is running" in last_line
     assert first.returncode is None
 
 
@@ -767,12 +762,9 @@ def test_unwritable_state_file_exits_one(
     files = bot_files(**{**FAST_SETTINGS, "STATE_FILE": str(missing_folder)})
     bot = start_bot(files, verbose=True)
 
-    exit_code = bot.wait(timeout=FATAL_EXIT_LIMIT_SECONDS)
-    last_line = bot.log_text().splitlines()[-1]
+    last_line = wait_for_fatal_exit(bot)
 
-    assert exit_code == 1
     assert "STATE_FILE" in last_line
-    assert "Traceback" not in bot.log_text()
 
 
 def test_saved_pause_logged_at_start(

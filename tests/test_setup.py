@@ -382,6 +382,17 @@ def test_setup_unreachable_instance_asks_again(
     assert "Traceback" not in bot.transcript
 
 
+def assert_setup_stopped(bot: TerminalBot, tmp_path: Path, reason: str) -> None:
+    """Check that the setup ended with exit 1, one line naming ``reason``."""
+    status = bot.wait()
+    lines = bot.transcript.strip().splitlines()
+
+    assert status == 1, bot.transcript
+    assert lines[-1] == f"hashtag_bot: setup stopped ({reason}); run it again"
+    assert "Traceback" not in bot.transcript
+    assert not (tmp_path / ".env").exists()
+
+
 def test_setup_three_bad_instances_exit_1(
     tmp_path: Path, run_in_terminal: Callable[..., TerminalBot]
 ) -> None:
@@ -394,15 +405,7 @@ def test_setup_three_bad_instances_exit_1(
     bot.expect(r"invalid MASTODON_API_BASE_URL 'ftp://127\.0\.0\.1'")
     bot.respond(INSTANCE_PROMPT, f"http://127.0.0.1:{port}/?page=1")
     bot.expect(r"invalid MASTODON_API_BASE_URL ")
-    status = bot.wait()
-    lines = bot.transcript.strip().splitlines()
-
-    assert status == 1, bot.transcript
-    assert lines[-1] == (
-        "hashtag_bot: setup stopped (no instance could be reached); run it again"
-    )
-    assert "Traceback" not in bot.transcript
-    assert not (tmp_path / ".env").exists()
+    assert_setup_stopped(bot, tmp_path, "no instance could be reached")
 
 
 def test_setup_three_bad_codes_exit_1(
@@ -416,15 +419,7 @@ def test_setup_three_bad_codes_exit_1(
     for code in ("mockcode_nosuchaccount", "not-a-code", "mockcode_dave"):
         bot.respond(CODE_PROMPT, code)
         bot.expect(r"That code was not accepted")
-    status = bot.wait()
-    lines = bot.transcript.strip().splitlines()
-
-    assert status == 1, bot.transcript
-    assert lines[-1] == (
-        "hashtag_bot: setup stopped (no valid authorization code); run it again"
-    )
-    assert "Traceback" not in bot.transcript
-    assert not (tmp_path / ".env").exists()
+    assert_setup_stopped(bot, tmp_path, "no valid authorization code")
 
 
 def test_login_replaces_existing_env_file(
