@@ -51,8 +51,8 @@ MAX_ACTIONS_PER_HOUR = 60
 # every 15 seconds. Default: 60.
 STREAM_TIMEOUT_SECONDS = 60
 
-# Watch only the posts of your own instance (True), or all the posts your
-# instance knows of, from the whole fediverse (False). Default: False.
+# Watch only the posts of your own instance (True), or every post your
+# instance has received from the whole fediverse (False). Default: False.
 LOCAL_ONLY = False
 
 # Seconds between two checks of the hashtag timeline against what the stream

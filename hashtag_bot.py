@@ -16,11 +16,11 @@ same name.
 
 Guarantees: the position of each hashtag (the newest post fully handled) is
 saved to ``STATE_FILE`` after every post, atomically. On every start and every
-reconnect the bot reads the hashtag's REST timeline from that position, so a
+reconnect the bot reads the hashtag's REST timeline from that position. So a
 post published while the stream was down is still handled, and a post already
-acted on is not acted on again, even after a crash (a crash can repeat at most
-the one action in flight; a repeated boost, favourite or bookmark changes
-nothing, and a repeated reply carries the same ``Idempotency-Key``).
+acted on is not acted on again, even after a crash. A crash can repeat at most
+the one action in flight: a repeated boost, favourite or bookmark changes
+nothing, and a repeated reply carries the same ``Idempotency-Key``.
 
 Limits: see the README. In short, Mastodon gives remote posts ids from their
 publication time, so a remote post that federates late with an id older than
@@ -1571,17 +1571,26 @@ class HashtagBot:
 
     # Catch-up ---------------------------------------------------------------------
 
+    def read_timeline(self, tag: str, **params: Any) -> list:
+        """Read one page of the tag's REST timeline through ``call``."""
+        page = self.call(
+            f"read the #{tag} timeline",
+            self.api.timeline_hashtag,
+            quote(tag, safe=""),
+            local=self.settings.LOCAL_ONLY,
+            **params,
+        )
+        return list(page or [])
+
+    def newest_post_id(self, tag: str) -> str:
+        """Return the id of the newest post of the tag, or "" if it has none."""
+        page = self.read_timeline(tag, limit=1)
+        return str(field(page[0], "id", "")) if page else ""
+
     def record_first_position(self, tag: str) -> None:
         """On a first run, take the newest post of the tag as the position."""
         with self.lock:
-            page = self.call(
-                f"read the #{tag} timeline",
-                self.api.timeline_hashtag,
-                quote(tag, safe=""),
-                local=self.settings.LOCAL_ONLY,
-                limit=1,
-            )
-            newest = str(field(page[0], "id", "")) if page else ""
+            newest = self.newest_post_id(tag)
             self.state.positions[tag] = newest
             self.save_state()
         log.info(
@@ -1607,16 +1616,9 @@ class HashtagBot:
         while True:
             with self.lock:
                 cursor = self.state.positions.get(tag) or "0"
-                page = self.call(
-                    f"read the #{tag} timeline",
-                    self.api.timeline_hashtag,
-                    quote(tag, safe=""),
-                    local=self.settings.LOCAL_ONLY,
-                    min_id=cursor,
-                    limit=TIMELINE_PAGE_SIZE,
-                )
+                page = self.read_timeline(tag, min_id=cursor, limit=TIMELINE_PAGE_SIZE)
                 statuses = sorted(
-                    (s for s in page or [] if field(s, "id")),
+                    (s for s in page if field(s, "id")),
                     key=lambda s: id_key(field(s, "id")),
                 )
                 statuses = [
@@ -1631,10 +1633,12 @@ class HashtagBot:
                         continue
                     if self.handle_post(status, tag, why):
                         handled += 1
-                if len(page or []) < TIMELINE_PAGE_SIZE or not statuses:
+                if len(page) < TIMELINE_PAGE_SIZE or not statuses:
                     break
                 if skipped >= SKIP_COUNT_MAX_PAGES * TIMELINE_PAGE_SIZE:
-                    self.skip_to_newest(tag)
+                    newest = self.newest_post_id(tag)
+                    if newest:
+                        self.advance(tag, newest)
                     counted = "at least "
                     break
         if skipped:
@@ -1657,18 +1661,6 @@ class HashtagBot:
                 break
             kept.append(status)
         return kept
-
-    def skip_to_newest(self, tag: str) -> None:
-        """Move the position to the newest post of the tag."""
-        page = self.call(
-            f"read the #{tag} timeline",
-            self.api.timeline_hashtag,
-            quote(tag, safe=""),
-            local=self.settings.LOCAL_ONLY,
-            limit=1,
-        )
-        if page:
-            self.advance(tag, str(field(page[0], "id")))
 
     # Running ------------------------------------------------------------------------
 
@@ -1730,7 +1722,7 @@ class HashtagBot:
             if self.me and locked:
                 self.save_state()
             if self.me:
-                self.log_summary(final=True, locked=locked)
+                self.log_summary(final=True)
                 log.info("stopped")
         finally:
             if locked:
@@ -1741,13 +1733,13 @@ class HashtagBot:
             return EXIT_FATAL
         return EXIT_OK
 
-    def log_summary(self, final: bool = False, locked: bool = False) -> None:
+    def log_summary(self, final: bool = False) -> None:
         """Log one line: posts seen, acted on, skipped (by rule), failed.
 
-        ``locked`` False takes the lock first; at shutdown the caller may not
-        have got it, and then reads the counters as they are.
+        The final summary reads the counters without the lock: shutdown holds
+        it already, or gave up waiting for a watcher stuck in a request.
         """
-        with self.lock if not (final or locked) else contextlib.nullcontext():
+        with contextlib.nullcontext() if final else self.lock:
             stats, reasons = self.stats, self.skip_reasons
             self.stats, self.skip_reasons = Counter(), Counter()
             since = self.summary_since
@@ -2176,23 +2168,20 @@ class Checker:
         environ = dict(os.environ)
         try:
             settings = load_settings(config_path, environ)
-            self.report(
-                "PASS",
-                "config",
-                "watching "
-                + ", ".join("#" + t for t in settings.HASHTAGS)
-                + "; actions: "
-                + ", ".join(settings.ACTIONS),
-            )
         except ConfigError as err:
             self.report("FAIL", "config", str(err))
             return 1
+        tags = ", ".join("#" + t for t in settings.HASHTAGS)
+        actions = ", ".join(settings.ACTIONS)
+        self.report("PASS", "config", f"watching {tags}; actions: {actions}")
+
         try:
             credentials = load_credentials(env_path, environ)
-            self.report("PASS", "credentials", credentials.base_url)
         except ConfigError as err:
             self.report("FAIL", "credentials", str(err))
             return 1
+        self.report("PASS", "credentials", credentials.base_url)
+
         bot = HashtagBot(settings, credentials)
         api = bot.api
         if not self.check_instance(api, credentials.base_url):

@@ -460,7 +460,7 @@ def test_missing_scope_at_start_exits_one(
 @pytest.mark.parametrize(
     ("status", "body", "named"),
     [
-        # Mastodon answers 401 once the owner revokes the token.
+        # Mastodon responds with 401 once the owner revokes the token.
         (401, None, "MASTODON_ACCESS_TOKEN (401)"),
         (
             403,

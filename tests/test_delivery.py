@@ -491,7 +491,7 @@ def test_reblog_server_errors_beyond_retries_skipped(
     bot.catch_up(tag, "catch-up")
     failing = server.post("alice", "During a 502 storm #outage5xx")["id"]
 
-    # A 5xx through every retry is the server's answer for this post: it is
+    # A 5xx through every retry is the server's response for this post: it is
     # skipped with a warning, and the position moves past it.
     server.fault(path_regex=REBLOG_PATH, status=502, count=hashtag_bot.RETRY_ATTEMPTS)
     bot.catch_up(tag, "catch-up")
